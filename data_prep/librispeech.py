@@ -1,0 +1,229 @@
+"""`python -m data_prep librispeech`: manifests, labels, dictionary and shards from a LibriSpeech tree.
+
+Outputs in OUT (fairseq's `wav2vec_manifest.py` + `libri_labels.py` formats):
+    {split}.tsv/.wrd/.ltr     every split directory found under ROOT (train-clean-100, dev-other, ...)
+    train.*                   all train-* splits together (pretraining and 960 h fine-tuning)
+    valid.*                   a named dev split, or a held-out fraction of train
+    train-10m/1h/10h.*        Libri-Light limited-resource splits (with --finetuning-root)
+    dict.ltr.txt              letter dictionary with counts, from the training transcripts
+    shards/train.K.*          duration-balanced shards (--num-shards), packed PCM (--pack)
+    report.tsv                every rejected or converted file with its reason
+    summary.json              counts and hours per split
+Files at another sample rate or with several channels are converted to 16 kHz mono FLAC under
+OUT/converted/ and listed there by absolute path; the originals are never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .fsutil import atomic_write_text
+from .labels import format_dictionary, letter_counts, to_letters
+from .manifest import read_manifest, write_lines, write_manifest
+from .scan import ChapterTask, Problem, Record, list_chapter_dirs, load_cache, problem_row, save_cache, scan_chapter
+from .shards import balanced_partition, pack_shard, remove_stale_shards, shard_manifest, shard_paths
+
+SAMPLE_RATE = 16_000
+#: Libri-Light fine-tuning subsets: output split -> directories under `librispeech_finetuning`.
+FINETUNE_SPLITS = {
+    "train-10m": ["1h/0"],
+    "train-1h": [f"1h/{k}" for k in range(6)],
+    "train-10h": [f"1h/{k}" for k in range(6)] + ["9h"],
+}
+INFORMATIONAL = {"converted"}
+
+
+@dataclass
+class PrepOptions:
+    root: Path
+    out: Path
+    workers: int = max(1, os.cpu_count() or 1)
+    num_shards: int = 0
+    pack: bool = False
+    finetuning_root: Path | None = None
+    decode: bool = True
+    valid_split: str | None = "dev-clean"
+    valid_percent: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class PrepResult:
+    splits: dict[str, list[Record]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def resolve_root(root: Path) -> Path:
+    root = root.resolve()
+    if (root / "LibriSpeech").is_dir():
+        root = root / "LibriSpeech"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory; pass the LibriSpeech directory (or its parent)")
+    return root
+
+
+def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions) -> PrepResult:
+    """jobs: (split name, split directory, corpus root the manifest paths are relative to)."""
+    cache_dir = opts.out / ".cache"
+    caches = {name: load_cache(cache_dir / f"{name.replace('/', '_')}.json") for name, _, _ in jobs}
+    tasks = []
+    for name, split_dir, corpus_root in jobs:
+        for chapter in list_chapter_dirs(split_dir):
+            rel_dir = chapter.relative_to(corpus_root).as_posix() + "/"
+            sub = {k: v for k, v in caches[name].items() if k.startswith(rel_dir) and "/" not in k[len(rel_dir):]}
+            tasks.append(ChapterTask(name, str(corpus_root), str(chapter), str(opts.out / "converted"), opts.decode, sub))
+    result = PrepResult(splits={name: [] for name, _, _ in jobs})
+    fresh: dict[str, dict] = defaultdict(dict)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="dir", desc="scanning", disable=None)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
+        for split, records, problems, cache in pool.imap_unordered(scan_chapter, tasks, chunksize=4):
+            result.splits[split].extend(records)
+            result.problems.extend(problems)
+            fresh[split].update(cache)
+            bar.update(1)
+    bar.close()
+    for name, _, _ in jobs:
+        save_cache(cache_dir / f"{name.replace('/', '_')}.json", fresh.get(name, {}))
+        result.splits[name].sort(key=lambda r: r.relpath)
+    result.problems.sort(key=lambda p: (p.split, p.path))
+    return result
+
+
+class _Serial:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _write_split(out: Path, name: str, root: Path, records: list[Record]) -> None:
+    write_manifest(out / f"{name}.tsv", str(root), [(r.relpath, r.num_samples) for r in records])
+    write_lines(out / f"{name}.wrd", [r.words for r in records])
+    write_lines(out / f"{name}.ltr", [to_letters(r.words) for r in records])
+
+
+def _hours(records: list[Record]) -> float:
+    return sum(r.num_samples for r in records) / SAMPLE_RATE / 3600
+
+
+def prepare(opts: PrepOptions) -> PrepResult:
+    root = resolve_root(opts.root)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    jobs = [(s, root / s, root) for s in splits]
+    ft_root = opts.finetuning_root.resolve() if opts.finetuning_root else None
+    if ft_root is not None:
+        if (ft_root / "librispeech_finetuning").is_dir():
+            ft_root = ft_root / "librispeech_finetuning"
+        for sub in FINETUNE_SPLITS["train-10h"]:
+            if not (ft_root / sub).is_dir():
+                raise FileNotFoundError(f"{ft_root / sub} is missing: is {ft_root} the Libri-Light librispeech_finetuning directory?")
+            jobs.append((f"finetuning/{sub}", ft_root / sub, ft_root))
+    result = _scan_all(jobs, opts)
+    if result.usable == 0:
+        _write_report(opts.out, result)
+        return result
+
+    outputs: dict[str, tuple[Path, list[Record]]] = {s: (root, result.splits[s]) for s in splits}
+    train = [r for s in splits if s.startswith("train") for r in result.splits[s]]
+    valid: list[Record] = []
+    if opts.valid_percent > 0:
+        rng = np.random.default_rng(opts.seed)
+        held = rng.random(len(train)) < opts.valid_percent
+        valid = [r for r, h in zip(train, held) if h]
+        train = [r for r, h in zip(train, held) if not h]
+    elif opts.valid_split and opts.valid_split in result.splits:
+        valid = result.splits[opts.valid_split]
+    if train:
+        outputs["train"] = (root, train)
+    if valid:
+        outputs["valid"] = (root, valid)
+    if ft_root is not None:
+        for name, subs in FINETUNE_SPLITS.items():
+            recs = sorted((r for sub in subs for r in result.splits[f"finetuning/{sub}"]), key=lambda r: r.relpath)
+            outputs[name] = (ft_root, recs)
+    for name, (base, recs) in outputs.items():
+        _write_split(opts.out, name, base, recs)
+    labelled = train or [r for recs in result.splits.values() for r in recs]
+    counts: Counter = letter_counts(to_letters(r.words) for r in labelled)
+    atomic_write_text(opts.out / "dict.ltr.txt", format_dictionary(counts))
+
+    if opts.pack and opts.num_shards == 0:
+        opts.num_shards = 1
+    if opts.num_shards and train:
+        _write_shards(opts, "train")
+    _write_report(opts.out, result)
+    summary = {
+        "root": str(root),
+        "finetuning_root": str(ft_root) if ft_root else None,
+        "splits": {n: {"utterances": len(r), "hours": round(_hours(r), 4)} for n, (_, r) in outputs.items()},
+        "problems": dict(Counter(p.reason for p in result.problems)),
+        "num_shards": opts.num_shards,
+        "packed": opts.pack,
+    }
+    atomic_write_text(opts.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return result
+
+
+def _write_shards(opts: PrepOptions, name: str) -> None:
+    manifest = read_manifest(opts.out / f"{name}.tsv")
+    wrd = (opts.out / f"{name}.wrd").read_text(encoding="utf-8").splitlines()
+    shard_dir = opts.out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    remove_stale_shards(shard_dir, name, opts.num_shards)
+    groups = balanced_partition(manifest.sizes, opts.num_shards)
+    for k, (g, m) in enumerate(zip(groups, shard_manifest(manifest, groups))):
+        paths = shard_paths(shard_dir, name, k)
+        write_manifest(paths["tsv"], m.root, list(zip(m.paths, m.sizes.tolist())))
+        words = [wrd[i] for i in g]
+        write_lines(paths["tsv"].with_suffix(".wrd"), words)
+        write_lines(paths["tsv"].with_suffix(".ltr"), [to_letters(w) for w in words])
+    if opts.pack:
+        args = [tuple(shard_paths(shard_dir, name, k)[x] for x in ("tsv", "pcm", "offsets", "meta")) for k in range(opts.num_shards)]
+        workers = min(opts.workers, opts.num_shards)
+        with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool:
+            list(pool.imap_unordered(_pack_args, args))
+    else:
+        for k in range(opts.num_shards):
+            for key in ("pcm", "offsets", "meta"):
+                shard_paths(shard_dir, name, k)[key].unlink(missing_ok=True)
+
+
+def _pack_args(args: tuple) -> str:
+    return pack_shard(*args)
+
+
+def _write_report(out: Path, result: PrepResult) -> None:
+    rows = ["split\tpath\tproblem\tdetail"] + [problem_row(p) for p in result.problems]
+    write_lines(out / "report.tsv", rows)
+
+
+def summary_line(result: PrepResult, out: Path) -> str:
+    counts = Counter(p.reason for p in result.problems)
+    rejected = {k: v for k, v in counts.items() if k not in INFORMATIONAL}
+    main = [r for s, recs in result.splits.items() if not s.startswith("finetuning/") for r in recs]
+    parts = [f"{len(main)} usable utterances ({_hours(main):.2f} h)"]
+    if len(main) < result.usable:
+        parts[0] += f" + {result.usable - len(main)} in the fine-tuning subsets"
+    parts.append("rejected: " + (", ".join(f"{v} {k}" for k, v in sorted(rejected.items())) or "none"))
+    if counts.get("converted"):
+        parts.append(f"converted: {counts['converted']}")
+    return "; ".join(parts) + f" -- details in {out / 'report.tsv'}"

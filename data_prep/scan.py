@@ -1,0 +1,171 @@
+"""Scanning a LibriSpeech-layout directory: pair audio with transcripts, check and convert audio.
+
+The unit of parallel work is one directory (a LibriSpeech chapter). Every file ends up either
+as a `Record` (usable, possibly converted to 16 kHz mono) or as a `Problem` (with its reason).
+Audio checks are cached by (size, mtime) so a re-run only decodes files that changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .audio import AudioError, check_audio, read_audio, write_flac
+from .fsutil import atomic_open
+from .labels import bad_characters, normalize_transcript
+
+AUDIO_EXTENSIONS = (".flac", ".wav")
+TRANSCRIPT_SUFFIX = ".trans.txt"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A usable utterance. `relpath` is relative to the corpus root (or absolute if converted)."""
+
+    split: str
+    relpath: str
+    num_samples: int
+    words: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    split: str
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ChapterTask:
+    split: str
+    corpus_root: str
+    directory: str
+    converted_root: str
+    decode: bool
+    cache: dict  # relpath -> cached audio-check entry
+
+
+def list_chapter_dirs(split_dir: Path) -> list[Path]:
+    """Every directory below `split_dir` that holds audio or transcripts (sorted)."""
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(split_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if any(f.endswith(AUDIO_EXTENSIONS) or f.endswith(TRANSCRIPT_SUFFIX) for f in filenames):
+            found.add(Path(dirpath))
+    return sorted(found)
+
+
+def _read_transcripts(directory: Path, split: str, rel_dir: str, problems: list[Problem]) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    for trans in sorted(directory.glob(f"*{TRANSCRIPT_SUFFIX}")):
+        rel = f"{rel_dir}/{trans.name}"
+        try:
+            lines = trans.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            problems.append(Problem(split, rel, "bad_transcript_file", f"cannot read as UTF-8 text: {err}"))
+            continue
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().split(maxsplit=1)
+            utt = parts[0]
+            text = normalize_transcript(parts[1]) if len(parts) > 1 else ""
+            where = f"{rel}:{lineno} ({utt})"
+            if not text:
+                problems.append(Problem(split, where, "empty_transcript", "the line has an id but no words"))
+                texts[utt] = ""  # the audio, if any, is reported through this entry below
+            elif utt in texts:
+                problems.append(Problem(split, where, "duplicate_transcript", "the id appears twice; first kept"))
+            else:
+                texts[utt] = text
+    return texts
+
+
+def _check_cached(path: Path, rel: str, task: ChapterTask) -> dict:
+    stat = path.stat()
+    entry = task.cache.get(rel)
+    if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
+        if entry.get("decoded", False) or not task.decode:
+            converted = entry.get("converted")
+            if converted is None or os.path.exists(converted):
+                return entry
+    entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "decoded": task.decode}
+    try:
+        check = check_audio(str(path), decode=task.decode)
+        entry.update(ok=True, num_samples=check.num_frames, converted=None, note="")
+        if check.needs_conversion:
+            prefix = "finetuning" if task.split.startswith("finetuning/") else ""
+            dst = Path(task.converted_root) / prefix / Path(rel).with_suffix(".flac")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            audio = read_audio(str(path))
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            write_flac(str(tmp), audio)
+            os.replace(tmp, dst)
+            entry.update(num_samples=len(audio), converted=str(dst), note=check.conversion_note())
+    except AudioError as err:
+        entry.update(ok=False, reason=err.reason, detail=err.detail)
+    return entry
+
+
+def scan_chapter(task: ChapterTask) -> tuple[str, list[Record], list[Problem], dict]:
+    """Check one directory; returns its split, records, problems and fresh cache entries."""
+    directory = Path(task.directory)
+    rel_dir = directory.relative_to(task.corpus_root).as_posix()
+    problems: list[Problem] = []
+    records: list[Record] = []
+    cache: dict = {}
+    texts = _read_transcripts(directory, task.split, rel_dir, problems)
+    audio = sorted(p for p in directory.iterdir() if p.suffix in AUDIO_EXTENSIONS and p.is_file())
+    seen: set[str] = set()
+    for path in audio:
+        rel = f"{rel_dir}/{path.name}"
+        utt = path.name.split(".", 1)[0]
+        if utt in seen:
+            problems.append(Problem(task.split, rel, "duplicate_audio", f"another file already has id {utt}"))
+            continue
+        seen.add(utt)
+        entry = _check_cached(path, rel, task)
+        cache[rel] = entry
+        if not entry["ok"]:
+            problems.append(Problem(task.split, rel, entry["reason"], entry["detail"]))
+            continue
+        if utt not in texts:
+            problems.append(Problem(task.split, rel, "no_transcript", f"no line for {utt} in any *{TRANSCRIPT_SUFFIX}"))
+            continue
+        words = texts[utt]
+        if not words:
+            continue  # already reported as empty_transcript
+        bad = bad_characters(words)
+        if bad:
+            shown = " ".join(repr(c) for c in bad)
+            problems.append(Problem(task.split, rel, "bad_characters", f"transcript has {shown} outside A-Z and '"))
+            continue
+        if entry["converted"]:
+            problems.append(Problem(task.split, rel, "converted", f"{entry['note']}; listed as {entry['converted']}"))
+        records.append(Record(task.split, entry["converted"] or rel, entry["num_samples"], words))
+    for utt in sorted(set(texts) - seen):
+        problems.append(Problem(task.split, f"{rel_dir}/{utt}", "missing_audio", "a transcript line has no audio file"))
+    return task.split, records, problems, cache
+
+
+def load_cache(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # a missing or damaged cache only costs a re-decode
+
+
+def save_cache(path: Path, cache: dict) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(cache, f)
+
+
+def problem_row(p: Problem) -> str:
+    return "\t".join([p.split, p.path, p.reason, p.detail.replace("\t", " ").replace("\n", " ")])
+
+
+__all__ = ["Record", "Problem", "ChapterTask", "list_chapter_dirs", "scan_chapter", "asdict"]

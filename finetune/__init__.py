@@ -1,0 +1,1 @@
+"""CTC fine-tuning, evaluation and export of pretrained checkpoints."""

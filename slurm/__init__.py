@@ -1,0 +1,1 @@
+"""Submitting every stage to SLURM (submitit), with requeue on preemption."""
