@@ -1,0 +1,72 @@
+"""Building a task (model + step function) from a config, and initialising it from elsewhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, RunConfig
+from .hf_interop import from_hf, model_config_from_hf
+from .task import Task
+
+#: fields a transformers config decides when a run starts from it (the rest stay the preset's)
+_FROM_HF_FIELDS = (
+    "arch", "conv_feature_layers", "extractor_mode", "conv_bias", "encoder_layers", "encoder_embed_dim",
+    "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
+    "pos_conv_depth", "latent_vars", "latent_groups", "latent_dim", "final_dim",
+)
+
+
+def build_task(cfg: ModelConfig) -> Task:
+    if cfg.arch == "wav2vec2":
+        from .wav2vec2_task import Wav2Vec2Task
+
+        return Wav2Vec2Task(cfg)
+    if cfg.arch == "data2vec":
+        from .data2vec_task import Data2VecTask
+
+        return Data2VecTask(cfg)
+    raise ValueError(f"unknown model.arch {cfg.arch!r}; use wav2vec2 or data2vec")
+
+
+def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{hf_dir} is not a transformers model directory (no config.json)")
+    hf = json.loads(config_path.read_text())
+    if (hf_dir / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(hf_dir / "model.safetensors"))
+    elif (hf_dir / "pytorch_model.bin").exists():
+        weights = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
+    return hf, weights
+
+
+def apply_hf_architecture(cfg: RunConfig, hf: dict) -> None:
+    """Adopt the architecture of a transformers checkpoint, keeping the preset's training settings."""
+    theirs = model_config_from_hf(hf)
+    if theirs.arch != cfg.model.arch:
+        raise ValueError(
+            f"--init-from is a {hf.get('model_type')} model but preset {cfg.preset} trains {cfg.model.arch}; "
+            "pick a matching preset"
+        )
+    for name in _FROM_HF_FIELDS:
+        setattr(cfg.model, name, getattr(theirs, name))
+
+
+def load_hf_weights(task: Task, weights: dict[str, torch.Tensor], hf_dir: Path) -> None:
+    ours = from_hf({k: v for k, v in weights.items() if not k.startswith(("lm_head.", "dropout"))})
+    missing, unexpected = task.model.load_state_dict(ours, strict=False)
+    # A transformers base model has no quantizer / projection heads: those start fresh.
+    heads = ("quantizer.", "project_q.", "final_proj.", "regression_head.")
+    really_missing = [k for k in missing if not k.startswith(heads)]
+    if really_missing or unexpected:
+        raise ValueError(
+            f"{hf_dir} does not fit this architecture: missing {really_missing[:5]}, unexpected {unexpected[:5]}"
+        )

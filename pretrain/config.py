@@ -1,0 +1,179 @@
+"""Typed configuration: model, optimisation and training settings, named presets, checked overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from data_prep.loader import LoaderConfig
+
+BASE_CONV = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and objective (fairseq `Wav2Vec2Config` / `Data2VecAudioConfig` names)."""
+
+    arch: str = "wav2vec2"
+    """`wav2vec2` (contrastive, quantized targets) or `data2vec` (EMA teacher regression)."""
+    conv_feature_layers: list = field(default_factory=lambda: list(BASE_CONV))
+    """(dim, kernel, stride) per conv layer; the default downsamples 320x (49 frames/s)."""
+    extractor_mode: str = "default"
+    """`default`: GroupNorm in the first conv only; `layer_norm`: LayerNorm in every conv."""
+    conv_bias: bool = False
+    feature_grad_mult: float = 0.1
+    """Scales the gradient into the conv stack (0 freezes it)."""
+    encoder_layers: int = 12
+    encoder_embed_dim: int = 768
+    encoder_ffn_embed_dim: int = 3072
+    encoder_attention_heads: int = 12
+    """12 for BASE (the paper says 8; the code and released checkpoint use 12)."""
+    layer_norm_first: bool = False
+    """Pre-LN transformer (LARGE-LV60k); False is post-LN (BASE, LARGE LS-960, data2vec)."""
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    encoder_layerdrop: float = 0.05
+    dropout_input: float = 0.1
+    dropout_features: float = 0.1
+    conv_pos: int = 128
+    """Positional conv kernel (data2vec: total kernel split over `pos_conv_depth` layers)."""
+    conv_pos_groups: int = 16
+    pos_conv_depth: int = 1
+    latent_vars: int = 320
+    """Codebook entries per group."""
+    latent_groups: int = 2
+    latent_dim: int = 0
+    """Quantized vector size before `project_q` (0: `final_dim`)."""
+    final_dim: int = 256
+    latent_temp: list = field(default_factory=lambda: [2.0, 0.5, 0.999995])
+    """Gumbel temperature (start, end, decay per update)."""
+    logit_temp: float = 0.1
+    num_negatives: int = 100
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    mask_min_masks: int = 2
+    diversity_weight: float = 0.1
+    feature_pen_weight: float = 10.0
+
+
+@dataclass
+class OptimConfig:
+    """Adam with decoupled weight decay and a learning-rate schedule (fairseq names)."""
+
+    lr: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    clip_norm: float = 0.0
+    """Gradient-norm clipping (0: off, as in wav2vec 2.0 pretraining)."""
+    schedule: str = "polynomial_decay"
+    """`polynomial_decay` (linear warm-up, then decay to `end_lr`) or `tri_stage`."""
+    warmup_updates: int = 32_000
+    end_lr: float = 0.0
+    power: float = 1.0
+    phase_ratio: list = field(default_factory=lambda: [0.03, 0.9, 0.07])
+    """tri_stage: warm-up, hold and decay fractions of `train.max_steps`."""
+    init_lr_scale: float = 0.01
+    final_lr_scale: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400_000
+    """Optimizer updates (fairseq `max_update`); the schedule is laid out over this many."""
+    update_freq: int = 1
+    """Micro-batches accumulated per update (simulates update_freq x more GPUs)."""
+    precision: str = "fp16"
+    """`fp16` (dynamic loss scaling), `bf16` or `fp32`; on a CPU, fp16 falls back to fp32."""
+    fp16_init_scale: float = 128.0
+    seed: int = 1
+    log_interval: int = 200
+    valid_interval: int = 10_000
+    save_interval: int = 25_000
+    keep_last: int = 3
+    max_bad_steps: int = 20
+    """Consecutive non-finite steps after which the run stops."""
+    train_split: str = "train"
+    valid_split: str = "valid"
+    max_valid_batches: int = 0
+    """Cap on validation batches (0: the whole split)."""
+
+
+@dataclass
+class RunConfig:
+    preset: str = "wav2vec2_base"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(
+            preset=d["preset"],
+            model=ModelConfig(**d["model"]),
+            data=LoaderConfig(**d["data"]),
+            optim=OptimConfig(**d["optim"]),
+            train=TrainConfig(**d["train"]),
+        )
+
+
+def _coerce(value: str, typ, key: str):
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        low = value.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key} expects true or false, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(value) if typ is not int else int(value, 0)
+        except ValueError:
+            raise ValueError(f"{key} expects {typ.__name__}, got {value!r}") from None
+    if typ is list or origin is list:
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{key} expects a list such as [0.9, 0.98], got {value!r}") from None
+        if not isinstance(parsed, (list, tuple)):
+            raise ValueError(f"{key} expects a list, got {value!r}")
+        return list(parsed)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value.lower() in ("none", "null"):
+            return None
+        return _coerce(value, args[0], key)
+    raise ValueError(f"{key}: unsupported type {typ}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings; unknown keys and ill-typed values raise ValueError."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ValueError(f"unknown config key {key!r}: use one of {sorted(sections)} then .name, e.g. optim.lr=1e-4")
+        section = getattr(cfg, parts[0])
+        hints = typing.get_type_hints(type(section))
+        if parts[1] not in hints:
+            close = sorted(hints)
+            raise ValueError(f"unknown config key {key!r}; {parts[0]} has: {', '.join(close)}")
+        setattr(section, parts[1], _coerce(value.strip(), hints[parts[1]], key))
+    return cfg
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=list) + "\n"

@@ -1,0 +1,146 @@
+"""Transformer encoder of wav2vec 2.0 / data2vec (fairseq `TransformerEncoder`).
+
+Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels where
+available) with one fused input projection. Each layer also returns its FFN output before
+dropout and residual: data2vec builds its targets from those.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .position import make_positional_conv
+
+
+def init_bert_params(module: nn.Module) -> None:
+    """fairseq's `init_bert_params` for linear layers: N(0, 0.02), zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"encoder_embed_dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv_proj(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+        layer_norm_first: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(dim, num_heads, attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+        self.dropout = dropout
+        self.activation_dropout = activation_dropout
+        self.layer_norm_first = layer_norm_first
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.fc1(x))
+        return self.fc2(F.dropout(x, self.activation_dropout, self.training))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output, FFN output before dropout and residual)."""
+        if self.layer_norm_first:
+            x = x + F.dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask), self.dropout, self.training)
+            ffn = self._ffn(self.final_layer_norm(x))
+            x = x + F.dropout(ffn, self.dropout, self.training)
+        else:
+            x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, attn_mask), self.dropout, self.training))
+            ffn = self._ffn(x)
+            x = self.final_layer_norm(x + F.dropout(ffn, self.dropout, self.training))
+        return x, ffn
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_layers: int,
+        num_heads: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+        layerdrop: float,
+        layer_norm_first: bool,
+        conv_pos: int,
+        conv_pos_groups: int,
+        pos_conv_depth: int = 1,
+    ) -> None:
+        super().__init__()
+        self.pos_conv = make_positional_conv(dim, conv_pos, conv_pos_groups, pos_conv_depth)
+        self.layer_norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(
+            EncoderLayer(dim, ffn_dim, num_heads, dropout, attention_dropout, activation_dropout, layer_norm_first)
+            for _ in range(num_layers)
+        )
+        self.dropout = dropout
+        self.layerdrop = layerdrop
+        self.layer_norm_first = layer_norm_first
+        for layer in self.layers:
+            layer.apply(init_bert_params)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        layer_drop_draws: torch.Tensor | None = None,
+        num_layers: int | None = None,
+        return_ffn: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (B, T, C); padding_mask: (B, T) True at padding.
+
+        `num_layers` stops after that many layers (feature extraction from an inner layer);
+        `layer_drop_draws` are uniform draws, one per layer (LayerDrop skips layer i when its
+        draw is below `layerdrop`); with `return_ffn` the FFN outputs of the layers that ran are
+        returned as well.
+        """
+        attn_mask = None
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+            if padding_mask.any():
+                attn_mask = (~padding_mask)[:, None, None, :]
+        x = x + self.pos_conv(x)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = F.dropout(x, self.dropout, self.training)
+        ffn_outputs: list[torch.Tensor] = []
+        stop = len(self.layers) if num_layers is None else num_layers
+        for i, layer in enumerate(self.layers[:stop]):
+            if self.training and self.layerdrop > 0 and layer_drop_draws is not None:
+                if float(layer_drop_draws[i]) < self.layerdrop:
+                    continue
+            x, ffn = layer(x, attn_mask)
+            if return_ffn:
+                ffn_outputs.append(ffn)
+        if self.layer_norm_first and stop == len(self.layers):
+            x = self.layer_norm(x)
+        return x, ffn_outputs

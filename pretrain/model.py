@@ -1,0 +1,178 @@
+"""wav2vec 2.0 (fairseq `Wav2Vec2Model`): conv features -> masked transformer -> contrastive logits.
+
+The model returns tensors; the loss is computed by `pretrain.objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .encoder import TransformerEncoder
+from .feature_extractor import FeatureExtractor
+from .quantizer import GumbelQuantizer, QuantizerOutput
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity forward; gradient scaled by `scale` (fairseq `feature_grad_mult`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+@dataclass
+class Frontend:
+    """Conv features and what the objectives need of them."""
+
+    features: torch.Tensor
+    """(B, T, D) projected, after dropout_input, before masking."""
+    unmasked: torch.Tensor
+    """(B, T, C) LayerNormed conv features (quantizer input), after dropout_features."""
+    features_pen: torch.Tensor
+    padding_mask: torch.Tensor | None
+
+
+@dataclass
+class Wav2Vec2Output:
+    logits: torch.Tensor | None
+    """(B, M, 1 + K) fp32 cosine logits / logit_temp; the positive is index 0."""
+    features_pen: torch.Tensor
+    quantizer: QuantizerOutput | None
+    encoder_out: torch.Tensor
+    """(B, T, D) encoder output (every frame)."""
+    padding_mask: torch.Tensor | None
+    predictions: torch.Tensor | None = None
+    """(B, M, F) final_proj of the masked frames."""
+    targets: torch.Tensor | None = None
+    """(B, M, F) project_q of the quantized masked frames."""
+
+
+class Wav2Vec2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)
+        conv_dim = cfg.conv_feature_layers[-1][0]
+        dim = cfg.encoder_embed_dim
+        self.layer_norm = nn.LayerNorm(conv_dim)
+        self.post_extract_proj = nn.Linear(conv_dim, dim) if conv_dim != dim else None
+        self.mask_emb = nn.Parameter(torch.empty(dim).uniform_())
+        self.encoder = TransformerEncoder(
+            dim, cfg.encoder_ffn_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads,
+            cfg.dropout, cfg.attention_dropout, cfg.activation_dropout, cfg.encoder_layerdrop,
+            cfg.layer_norm_first, cfg.conv_pos, cfg.conv_pos_groups, cfg.pos_conv_depth,
+        )
+        if cfg.arch == "wav2vec2":
+            vq_dim = cfg.latent_dim or cfg.final_dim
+            self.quantizer = GumbelQuantizer(conv_dim, cfg.latent_vars, cfg.latent_groups, vq_dim)
+            self.project_q = nn.Linear(vq_dim, cfg.final_dim)
+            self.final_proj = nn.Linear(dim, cfg.final_dim)
+
+    # -- shared by every objective -------------------------------------------------------------
+    def frame_padding_mask(self, padding_mask: torch.Tensor | None, num_frames: int) -> torch.Tensor | None:
+        if padding_mask is None or not padding_mask.any():
+            return None
+        lengths = self.feature_extractor.output_lengths((~padding_mask).long().sum(-1))
+        return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]
+
+    def frontend(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> Frontend:
+        mult = self.cfg.feature_grad_mult
+        if mult > 0:
+            features = self.feature_extractor(source)
+            if mult != 1.0 and torch.is_grad_enabled():
+                features = GradMultiply.apply(features, mult)
+        else:
+            with torch.no_grad():
+                features = self.feature_extractor(source)
+        features_pen = features.float().pow(2).mean()
+        features = self.layer_norm(features.transpose(1, 2))
+        unmasked = features
+        if self.post_extract_proj is not None:
+            features = self.post_extract_proj(features)
+        return Frontend(
+            features=F.dropout(features, self.cfg.dropout_input, self.training),
+            unmasked=F.dropout(unmasked, self.cfg.dropout_features, self.training),
+            features_pen=features_pen,
+            padding_mask=self.frame_padding_mask(padding_mask, features.shape[1]),
+        )
+
+    def apply_mask(self, x: torch.Tensor, mask_indices: torch.Tensor | None) -> torch.Tensor:
+        if mask_indices is None:
+            return x
+        return torch.where(mask_indices.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+
+    # -- wav2vec 2.0 -----------------------------------------------------------------------------
+    def forward(
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        mask_indices: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        layer_drop_draws: torch.Tensor | None = None,
+    ) -> Wav2Vec2Output:
+        """mask_indices: (B, T) bool with the same count per row; negatives: (B, M, K) indices
+        into each row's masked frames (see `pretrain.masking`). Without them, only the encoder runs."""
+        front = self.frontend(source, padding_mask)
+        x = self.apply_mask(front.features, mask_indices)
+        x, _ = self.encoder(x, front.padding_mask, layer_drop_draws)
+        if mask_indices is None or negatives is None:
+            return Wav2Vec2Output(None, front.features_pen, None, x, front.padding_mask)
+        b, t = mask_indices.shape
+        m = int(mask_indices[0].sum())
+        y = front.unmasked[mask_indices].view(b, m, -1)
+        q = self.quantizer(y)
+        targets = self.project_q(q.x)
+        preds = self.final_proj(x[mask_indices].view(b, m, -1))
+        logits = contrastive_logits(preds, targets, negatives, self.cfg.logit_temp)
+        return Wav2Vec2Output(logits, front.features_pen, q, x, front.padding_mask, preds, targets)
+
+    def set_num_updates(self, step: int) -> None:
+        """Anneal the Gumbel temperature: max(start * decay**step, end)."""
+        if hasattr(self, "quantizer"):
+            start, end, decay = self.cfg.latent_temp
+            self.quantizer.temperature = max(start * decay**step, end)
+
+
+def contrastive_logits(
+    preds: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Cosine similarity of each prediction with its target and K distractors, / temperature.
+
+    Distractors of utterance b are other rows of targets[b], so all similarities within an
+    utterance come from one (M x M) matrix instead of gathering K vectors per frame. A distractor
+    identical to the positive gets -inf (fairseq compares the vectors exactly).
+    """
+    p = F.normalize(preds.float(), dim=-1, eps=1e-8)
+    t = F.normalize(targets.float(), dim=-1, eps=1e-8)
+    sim = torch.bmm(p, t.transpose(1, 2))  # (B, M, M): sim[b, i, j] = cos(pred_i, target_j)
+    pos = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
+    neg = torch.gather(sim, 2, negatives)
+    logits = torch.cat([pos, neg], dim=-1) / temperature
+    with torch.no_grad():
+        same = _identical_rows(targets, negatives)
+    return logits.masked_fill(torch.cat([torch.zeros_like(same[..., :1]), same], dim=-1), float("-inf"))
+
+
+def _identical_rows(targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(B, M, K) True where targets[b, negatives[b, m, k]] == targets[b, m] exactly."""
+    b, m, k = negatives.shape
+    flat = targets.reshape(b * m, -1)
+    rows = (torch.arange(b, device=negatives.device)[:, None, None] * m + negatives).reshape(-1)
+    own = torch.arange(b * m, device=negatives.device).repeat_interleave(k)
+    # Compare a cheap fingerprint first, then only the candidate pairs element by element.
+    fingerprint = flat.float().sum(-1)
+    cand = (fingerprint[rows] == fingerprint[own]).nonzero(as_tuple=True)[0]
+    same = torch.zeros(b * m * k, dtype=torch.bool, device=negatives.device)
+    if len(cand):
+        same[cand] = (flat[rows[cand]] == flat[own[cand]]).all(-1)
+    return same.view(b, m, k)

@@ -1,0 +1,40 @@
+"""Learning-rate schedules as multipliers of the peak lr, per update (fairseq semantics)."""
+
+from __future__ import annotations
+
+import math
+
+from .config import OptimConfig
+
+
+def polynomial_decay(step: int, warmup: int, total: int, lr: float, end_lr: float, power: float) -> float:
+    """Linear warm-up from 0 to lr over `warmup` updates, then (lr - end) * (1 - progress)**power + end."""
+    if warmup > 0 and step <= warmup:
+        return lr * step / warmup
+    if step >= total:
+        return end_lr
+    remaining = 1 - (step - warmup) / max(1, total - warmup)
+    return (lr - end_lr) * remaining**power + end_lr
+
+
+def tri_stage(step: int, total: int, lr: float, phases: list, init_scale: float, final_scale: float) -> float:
+    """Linear warm-up from init_scale*lr, hold at lr, then exponential decay to final_scale*lr."""
+    warmup, hold, decay = (int(round(p * total)) for p in phases)
+    init_lr, final_lr = init_scale * lr, final_scale * lr
+    if step < warmup:
+        return init_lr + (lr - init_lr) * step / max(1, warmup)
+    step -= warmup
+    if step < hold:
+        return lr
+    step -= hold
+    if step <= decay:
+        return lr * math.exp(math.log(final_scale) * step / max(1, decay))
+    return final_lr
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    if cfg.schedule == "polynomial_decay":
+        return polynomial_decay(step, cfg.warmup_updates, total_steps, cfg.lr, cfg.end_lr, cfg.power)
+    if cfg.schedule == "tri_stage":
+        return tri_stage(step, total_steps, cfg.lr, cfg.phase_ratio, cfg.init_lr_scale, cfg.final_lr_scale)
+    raise ValueError(f"unknown optim.schedule {cfg.schedule!r}; use polynomial_decay or tri_stage")

@@ -1,0 +1,322 @@
+"""One training loop for every stage: accumulation, mixed precision, DDP, checkpoints, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_prep.loader import AudioLoader, LoaderConfig
+from data_prep.sources import open_source, read_labels
+
+from . import checkpoint as ckpt
+from .config import RunConfig, dumps
+from .distributed import DistInfo, all_reduce_sum
+from .flops import peak_flops
+from .metrics import MetricLogger
+from .schedule import lr_at
+from .task import Task
+
+log = logging.getLogger(__name__)
+SAMPLE_RATE = 16_000
+
+#: model settings that change parameter shapes: a checkpoint is only resumable if they agree
+ARCH_KEYS = (
+    "arch", "conv_feature_layers", "extractor_mode", "conv_bias", "encoder_layers", "encoder_embed_dim",
+    "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
+    "pos_conv_depth", "latent_vars", "latent_groups", "latent_dim", "final_dim", "head_layers", "vocab_size",
+)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue, with what went wrong and what to try."""
+
+
+def _norm(v):
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_architecture(saved: dict, current: dict, where: Path) -> None:
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+        for k in ARCH_KEYS
+        if _norm(saved.get(k)) != _norm(current.get(k))
+    ]
+    if diffs:
+        raise TrainingError(
+            f"checkpoint {where} holds a different architecture than the config:\n  " + "\n  ".join(diffs)
+            + "\nResume with the same preset and model settings, or start a new run directory (--out)."
+        )
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(
+        self, cfg: RunConfig, task: Task, run_dir: Path, data_dir: Path, device: torch.device,
+        dist_info: DistInfo | None = None, labels: str | None = None,
+    ) -> None:
+        self.cfg, self.task, self.run_dir, self.device = cfg, task, Path(run_dir), device
+        self.dist = dist_info or DistInfo()
+        t = cfg.train
+        self.precision = t.precision
+        if device.type != "cuda" and t.precision == "fp16":
+            log.warning("fp16 needs a GPU; training in fp32 on %s", device.type)
+            self.precision = "fp32"
+        seed_all(t.seed + self.dist.rank)
+        task.to(device)
+        self.model: nn.Module = task.model
+        self.ddp = self.dist.world_size > 1
+        if self.ddp:
+            layerdrop = getattr(task.model.cfg, "encoder_layerdrop", 0.0) if hasattr(task.model, "cfg") else 0.0
+            self.model = nn.parallel.DistributedDataParallel(
+                task.model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=layerdrop > 0 or getattr(task, "has_unused_parameters", False),
+            )
+        params = [p for p in task.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=t.fp16_init_scale, enabled=self.precision == "fp16")
+        self.train_loader = self._loader(data_dir, t.train_split, cfg.data, labels, t.seed)
+        valid_cfg = dataclasses.replace(cfg.data, shuffle=False, num_workers=0)
+        self.valid_loader = None
+        if (Path(data_dir) / f"{t.valid_split}.tsv").exists():
+            self.valid_loader = self._loader(data_dir, t.valid_split, valid_cfg, labels, t.seed, packed=False)
+        self.step = 0
+        self.best_valid = math.inf
+        self.bad_steps = 0
+
+    def _loader(self, data_dir, split, cfg: LoaderConfig, labels, seed, packed=None) -> AudioLoader:
+        source = open_source(data_dir, split, packed=packed)
+        label_lines = read_labels(source, labels) if labels else None
+        return AudioLoader(source, cfg, seed=seed, labels=label_lines, rank=self.dist.rank, world_size=self.dist.world_size)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.task.model.state_dict(),
+            "task": self.task.extra_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loader": self.train_loader.state_dict(),
+            "best_valid": self.best_valid,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+
+    def load_state_dict(self, state: dict, where: Path) -> None:
+        check_architecture(state["config"]["model"], self.cfg.to_dict()["model"], where)
+        self.task.model.load_state_dict(state["model"])
+        self.task.load_extra_state(state.get("task", {}))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.best_valid = float(state.get("best_valid", math.inf))
+        rng = state.get("rng") or {}
+        if rng:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def resume_if_possible(self) -> bool:
+        path = ckpt.latest(self.run_dir)
+        if path is None:
+            return False
+        self.load_state_dict(ckpt.load(path), path)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+        return True
+
+    def save(self, is_best: bool = False) -> None:
+        if self.dist.is_main:
+            ckpt.save(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_last, is_best)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _batches(self):
+        while True:
+            yield from self.train_loader
+
+    def _reseed(self, micro: int) -> None:
+        # Dropout and Gumbel noise depend only on (seed, step, micro-batch, rank): exact resumes.
+        torch.manual_seed(hash((self.cfg.train.seed, self.step, micro, self.dist.rank)) % 2**63)
+
+    def train_update(self, batches) -> dict | None:
+        """One optimizer update over `update_freq` micro-batches; None if it was skipped."""
+        t = self.cfg.train
+        self.model.train()
+        self.task.before_update(self.step)
+        sums: dict[str, float] = defaultdict(float)
+        sample_size, audio_samples, nonfinite = 0, 0, 0
+        for micro in range(t.update_freq):
+            batch = next(batches)
+            self._reseed(micro)
+            sync = micro == t.update_freq - 1
+            ctx = self.model.no_sync() if self.ddp and not sync else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    rec = self.task.train_step(self.model, batch, self.task.step_rng(t.seed, self.step, micro, self.dist.rank))
+                loss = rec.loss * (0.0 if batch.is_dummy else 1.0)
+                if not torch.isfinite(loss.detach()):
+                    nonfinite += 1
+                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # still run backward so DDP ranks stay in step
+                self.scaler.scale(loss).backward()
+            if not batch.is_dummy:
+                sample_size += rec.sample_size
+                audio_samples += batch.num_samples
+                for k, v in rec.logs.items():
+                    sums[k] += v
+        stats = all_reduce_sum(torch.tensor([sample_size, nonfinite, audio_samples], dtype=torch.float64, device=self.device))
+        total_size, any_nonfinite, total_audio = float(stats[0]), float(stats[1]), float(stats[2])
+        params = [p for p in self.task.model.parameters() if p.requires_grad]
+        if any_nonfinite == 0 and total_size > 0:
+            self.scaler.unscale_(self.optimizer)
+            # DDP averaged over ranks; fairseq normalises by the global number of samples instead.
+            scale = self.dist.world_size / total_size
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t_clip if (t_clip := self.cfg.optim.clip_norm) > 0 else math.inf)
+            gnorm_f = float(gnorm)
+        else:
+            gnorm_f = math.nan
+        if not math.isfinite(gnorm_f):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():
+                self.scaler.update()  # lowers the fp16 scale
+            self.bad_steps += 1
+            if self.bad_steps >= t.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_steps} consecutive updates had a non-finite loss or gradient (last at update {self.step + 1}). "
+                    "Lower optim.lr, set optim.clip_norm (e.g. 10), or train in bf16/fp32 (--set train.precision=bf16); "
+                    f"the last good checkpoint is in {ckpt.checkpoint_dir(self.run_dir)}."
+                )
+            return None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(max(self.step, 1), self.cfg.optim, t.max_steps)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            return None  # fp16 overflow: the scaler skipped this update
+        self.bad_steps = 0
+        self.step += 1
+        self.task.after_update(self.step)
+        sums["_gnorm"] = gnorm_f
+        sums["_audio"] = total_audio
+        sums["_micro"] = t.update_freq
+        return sums
+
+    def validate(self) -> dict[str, float] | None:
+        if self.valid_loader is None:
+            return None
+        self.model.eval()
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        limit = self.cfg.train.max_valid_batches or len(self.valid_loader)
+        self.valid_loader.epoch, self.valid_loader.position = 1, 0
+        with torch.no_grad(), self._autocast():
+            for i, batch in enumerate(self.valid_loader):
+                if i >= limit:
+                    break
+                if batch.is_dummy:
+                    continue
+                rec = self.task.valid_step(self.model, batch, np.random.default_rng([self.cfg.train.seed, 10**9, i]))
+                for k, v in rec.logs.items():
+                    sums[k] += v
+                count += 1
+        keys = torch.tensor([sums[k] for k in sorted(sums)] + [count], dtype=torch.float64, device=self.device)
+        keys = all_reduce_sum(keys)
+        merged = dict(zip(sorted(sums), keys[:-1].tolist()))
+        return self.task.summarize(merged, int(keys[-1]))
+
+    def fit(self, logger: MetricLogger) -> dict[str, float]:
+        t = self.cfg.train
+        batches = self._batches()
+        window: dict[str, float] = defaultdict(float)
+        updates_in_window, started = 0, time.perf_counter()
+        flops = self.task.train_flops_per_audio_second()
+        peak = peak_flops(self.device)
+        last_metrics: dict[str, float] = {}
+        warned = False
+        while self.step < t.max_steps:
+            sums = self.train_update(batches)
+            if sums is None:
+                continue
+            for k, v in sums.items():
+                window[k] += v
+            updates_in_window += 1
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - started
+                keys = sorted(window)
+                stats = torch.tensor([window[k] for k in keys], dtype=torch.float64, device=self.device)
+                if self.ddp:
+                    stats = all_reduce_sum(stats)
+                merged = dict(zip(keys, stats.tolist()))
+                metrics = self.task.summarize(merged, int(merged.get("_micro", updates_in_window)))
+                audio_per_s = merged["_audio"] / SAMPLE_RATE / elapsed
+                metrics.update(
+                    lr=self.optimizer.param_groups[0]["lr"],
+                    gnorm=window["_gnorm"] / updates_in_window,
+                    audio_s_per_s=audio_per_s,
+                    mfu=(audio_per_s * flops / (peak * self.dist.world_size)) if peak and flops else float("nan"),
+                )
+                if self.scaler.is_enabled():
+                    metrics["loss_scale"] = self.scaler.get_scale()
+                logger.log("train", self.step, metrics)
+                last_metrics = metrics
+                warning = self.task.check_health(self.step, metrics)
+                if warning and self.dist.is_main and not warned:
+                    log.warning(warning)
+                    print(f"WARNING: {warning}", flush=True)
+                    warned = True
+                window, updates_in_window, started = defaultdict(float), 0, time.perf_counter()
+            if self.step % t.valid_interval == 0 or self.step == t.max_steps:
+                valid = self.validate()
+                is_best = False
+                if valid is not None:
+                    logger.log("valid", self.step, valid)
+                    is_best = valid["loss"] < self.best_valid
+                    self.best_valid = min(self.best_valid, valid["loss"])
+                if self.step % t.save_interval == 0 or self.step == t.max_steps or is_best:
+                    self.save(is_best)
+                started = time.perf_counter()
+            elif self.step % t.save_interval == 0:
+                self.save()
+                started = time.perf_counter()
+        return last_metrics
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    from data_prep.fsutil import atomic_write_text
+
+    atomic_write_text(Path(run_dir) / "config.json", dumps(cfg))

@@ -1,0 +1,86 @@
+"""The wav2vec 2.0 training step: sample masks and negatives, run the model, compute the loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_prep.loader import Batch
+
+from .config import ModelConfig
+from .flops import train_flops_per_audio_second
+from .masking import compute_mask_indices, sample_negatives
+from .model import Wav2Vec2Model
+from .objective import LossRecord, wav2vec2_loss
+from .task import Task
+
+
+def draw_masks(model: Wav2Vec2Model, batch: Batch, cfg: ModelConfig, rng: np.random.Generator, device):
+    """Frame padding mask and span mask for a batch (fairseq: min_masks spans, equal counts)."""
+    b, s = batch.source.shape
+    frames = int(model.feature_extractor.output_lengths(torch.tensor(s)))
+    frame_pad = None
+    if batch.padding_mask is not None and batch.padding_mask.any():
+        lengths = model.feature_extractor.output_lengths(batch.lengths.cpu())
+        frame_pad = np.arange(frames)[None, :] >= lengths.numpy()[:, None]
+    mask = compute_mask_indices((b, frames), frame_pad, cfg.mask_prob, cfg.mask_length, rng, cfg.mask_min_masks)
+    return torch.from_numpy(mask).to(device)
+
+
+class Wav2Vec2Task(Task):
+    sum_keys = ("loss", "contrastive", "diversity", "features_pen", "correct", "count", "sample_size")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.model = Wav2Vec2Model(cfg)
+
+    def _run(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
+        device = self.model.mask_emb.device
+        src = batch.source.to(device, non_blocking=True)
+        pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+        mask = draw_masks(self.model, batch, self.cfg, rng, device)
+        m = int(mask[0].sum())
+        negs = torch.from_numpy(sample_negatives(mask.shape[0], m, self.cfg.num_negatives, rng)).to(device)
+        draws = torch.from_numpy(rng.random(self.cfg.encoder_layers))
+        out = model(src, pad, mask, negs, draws)
+        record = wav2vec2_loss(out, self.cfg.diversity_weight, self.cfg.feature_pen_weight)
+        record.logs["sample_size"] = float(record.sample_size)
+        return record
+
+    def train_step(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
+        return self._run(model, batch, rng)
+
+    def valid_step(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
+        return self._run(model, batch, rng)
+
+    def before_update(self, step: int) -> None:
+        self.model.set_num_updates(step)
+
+    def summarize(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        n = max(sums.get("sample_size", 0.0), 1.0)
+        return {
+            "loss": sums["loss"] / n,
+            "contrastive": sums["contrastive"] / n,
+            "diversity": sums["diversity"] / n,
+            "features_pen": sums["features_pen"] / n,
+            "accuracy": sums["correct"] / max(sums["count"], 1.0),
+            "prob_perplexity": sums["prob_perplexity"] / max(count, 1),
+            "code_perplexity": sums["code_perplexity"] / max(count, 1),
+            "temperature": sums["temperature"] / max(count, 1),
+        }
+
+    def check_health(self, step: int, metrics: dict[str, float]) -> str | None:
+        total = self.cfg.latent_vars * self.cfg.latent_groups
+        ppl = metrics.get("code_perplexity", math.inf)
+        if step >= 1000 and ppl < 0.1 * total:
+            return (
+                f"codebook collapse: code perplexity {ppl:.1f} of {total} entries at step {step}; "
+                "raise model.diversity_weight, lower optim.lr, or check the input normalisation"
+            )
+        return None
+
+    def train_flops_per_audio_second(self) -> float:
+        return train_flops_per_audio_second(self.cfg)
