@@ -1,7 +1,7 @@
 """Transformer encoder of wav2vec 2.0 / data2vec (fairseq `TransformerEncoder`).
 
 Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels where
-available) with one fused input projection. Each layer also returns its FFN output before
+available; see `pretrain.ops` for CPUs) with one fused input projection. Each layer also returns its FFN output before
 dropout and residual: data2vec builds its targets from those.
 """
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import attention, dropout
 from .position import make_positional_conv
 
 
@@ -35,9 +36,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv_proj(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = attention(q, k, v, attn_mask, self.dropout, self.training)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -64,18 +63,18 @@ class EncoderLayer(nn.Module):
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.fc1(x))
-        return self.fc2(F.dropout(x, self.activation_dropout, self.training))
+        return self.fc2(dropout(x, self.activation_dropout, self.training))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, FFN output before dropout and residual)."""
         if self.layer_norm_first:
-            x = x + F.dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask), self.dropout, self.training)
+            x = x + dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask), self.dropout, self.training)
             ffn = self._ffn(self.final_layer_norm(x))
-            x = x + F.dropout(ffn, self.dropout, self.training)
+            x = x + dropout(ffn, self.dropout, self.training)
         else:
-            x = self.self_attn_layer_norm(x + F.dropout(self.self_attn(x, attn_mask), self.dropout, self.training))
+            x = self.self_attn_layer_norm(x + dropout(self.self_attn(x, attn_mask), self.dropout, self.training))
             ffn = self._ffn(x)
-            x = self.final_layer_norm(x + F.dropout(ffn, self.dropout, self.training))
+            x = self.final_layer_norm(x + dropout(ffn, self.dropout, self.training))
         return x, ffn
 
 
@@ -131,7 +130,7 @@ class TransformerEncoder(nn.Module):
         x = x + self.pos_conv(x)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        x = F.dropout(x, self.dropout, self.training)
+        x = dropout(x, self.dropout, self.training)
         ffn_outputs: list[torch.Tensor] = []
         stop = len(self.layers) if num_layers is None else num_layers
         for i, layer in enumerate(self.layers[:stop]):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_matmul import conv1d_channels_last
+
 
 class _ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over channels of a (B, C, T) tensor, computed in fp32 (fairseq `Fp32LayerNorm`)."""
@@ -35,15 +37,24 @@ class ConvLayer(nn.Module):
         else:
             self.norm = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
         x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
         return F.gelu(x)
 
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        x = conv1d_channels_last(x, self.conv.weight, self.conv.bias, self.conv.stride[0])
+        if isinstance(self.norm, _ChannelLayerNorm):
+            n = self.norm
+            x = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps).type_as(x)
+        elif self.norm is not None:
+            raise NotImplementedError("GroupNorm only follows the first convolution")
+        return F.gelu(x)
+
 
 class FeatureExtractor(nn.Module):
-    """Waveform (B, S) -> features (B, C, T).
+    """Waveform (B, S) -> features (B, T, C).
 
     mode "default": GroupNorm (one group per channel) after the first conv only (BASE);
     mode "layer_norm": LayerNorm over channels after every conv (LARGE-LV60k, data2vec).
@@ -61,12 +72,19 @@ class FeatureExtractor(nn.Module):
             convs.append(ConvLayer(in_dim, dim, kernel, stride, bias, norm))
             in_dim = dim
         self.conv_layers = nn.ModuleList(convs)
+        #: on CPUs, layers after the first run as matrix products (see `conv_matmul`)
+        self.matmul_on_cpu = True
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        x = source.unsqueeze(1)
-        for layer in self.conv_layers:
+        x = self.conv_layers[0](source.unsqueeze(1))
+        if self.matmul_on_cpu and x.device.type == "cpu":
+            x = x.transpose(1, 2).contiguous()
+            for layer in self.conv_layers[1:]:
+                x = layer.forward_channels_last(x)
+            return x
+        for layer in self.conv_layers[1:]:
             x = layer(x)
-        return x
+        return x.transpose(1, 2)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Frames produced from `lengths` samples (no padding in the convolutions)."""

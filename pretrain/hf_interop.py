@@ -36,6 +36,11 @@ _HF_QKV = re.compile(r"(?:.*\.)?encoder\.layers\.(\d+)\.attention\.([qkv])_proj\
 def to_hf(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Our state dict -> HF keys; `prefix` is "wav2vec2." for `Wav2Vec2ForPreTraining`, "" for base models."""
     out: dict[str, torch.Tensor] = {}
+    if "post_extract_proj.weight" not in state and "layer_norm.weight" in state:
+        # fairseq skips the projection when conv and encoder widths agree; transformers always has one
+        dim = state["layer_norm.weight"].shape[0]
+        out[f"{prefix}feature_projection.projection.weight"] = torch.eye(dim)
+        out[f"{prefix}feature_projection.projection.bias"] = torch.zeros(dim)
     for key, value in state.items():
         m = _QKV.fullmatch(key)
         if m:
@@ -54,13 +59,19 @@ def to_hf(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
 
 
 def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF keys (any prefix; legacy weight_g/weight_v accepted) -> our state dict. Unknown keys raise."""
+    """HF keys (any prefix; legacy weight_g/weight_v accepted) -> our state dict. Unknown keys raise.
+
+    An identity feature projection (what `to_hf` writes for equal widths) is dropped.
+    """
     inverse = []
     for pattern, template in _RENAMES:
-        hf_pattern = re.escape(template.replace("{p}", "\0")).replace(re.escape("\0"), r"(?:[a-z0-9_]+\.)?")
-        hf_pattern = re.sub(r"\\\{\d\}", lambda _: r"([^.]+)", hf_pattern)
+        pieces = re.split(r"(\{p\}|\{\d\})", template)
+        regex = "".join(
+            r"(?:[a-z0-9_]+\.)?" if x == "{p}" else r"([^.]+)" if re.fullmatch(r"\{\d\}", x) else re.escape(x)
+            for x in pieces
+        )
         ours = re.sub(r"\([^)]*\)", "{}", pattern).replace("\\.", ".")
-        inverse.append((re.compile(hf_pattern), ours))
+        inverse.append((re.compile(regex), ours))
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -80,6 +91,10 @@ def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise KeyError(f"transformers parameter {key!r} has no counterpart here")
     for (layer, kind), parts in qkv.items():
         out[f"encoder.layers.{layer}.self_attn.qkv_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    w = out.get("post_extract_proj.weight")
+    if w is not None and w.shape[0] == w.shape[1] and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)):
+        if not out["post_extract_proj.bias"].any():
+            del out["post_extract_proj.weight"], out["post_extract_proj.bias"]
     return out
 
 

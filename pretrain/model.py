@@ -14,6 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .encoder import TransformerEncoder
 from .feature_extractor import FeatureExtractor
+from .ops import dropout
 from .quantizer import GumbelQuantizer, QuantizerOutput
 
 
@@ -95,13 +96,13 @@ class Wav2Vec2Model(nn.Module):
             with torch.no_grad():
                 features = self.feature_extractor(source)
         features_pen = features.float().pow(2).mean()
-        features = self.layer_norm(features.transpose(1, 2))
+        features = self.layer_norm(features)
         unmasked = features
         if self.post_extract_proj is not None:
             features = self.post_extract_proj(features)
         return Frontend(
-            features=F.dropout(features, self.cfg.dropout_input, self.training),
-            unmasked=F.dropout(unmasked, self.cfg.dropout_features, self.training),
+            features=dropout(features, self.cfg.dropout_input, self.training),
+            unmasked=dropout(unmasked, self.cfg.dropout_features, self.training),
             features_pen=features_pen,
             padding_mask=self.frame_padding_mask(padding_mask, features.shape[1]),
         )

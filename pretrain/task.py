@@ -22,8 +22,9 @@ class Task:
     #: log keys that are sums over samples (divided when summarised) vs. per-step values (averaged)
     sum_keys: tuple[str, ...] = ()
 
-    def step_rng(self, seed: int, step: int, micro: int, rank: int) -> np.random.Generator:
-        return np.random.default_rng([seed, step, micro, rank])
+    def step_rng(self, seed: int, step: int, slot: int) -> np.random.Generator:
+        """Masks and negatives of micro-batch `slot` of update `step`."""
+        return np.random.default_rng([seed, step, slot])
 
     def train_step(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
         raise NotImplementedError

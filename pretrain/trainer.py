@@ -165,9 +165,15 @@ class Trainer:
         while True:
             yield from self.train_loader
 
+    def _slot(self, micro: int) -> int:
+        """Global index of a micro-batch within an update: the same batch gets the same slot
+        whether it runs on rank r of N or as micro-batch r of update_freq N on one process."""
+        return micro * self.dist.world_size + self.dist.rank
+
     def _reseed(self, micro: int) -> None:
-        # Dropout and Gumbel noise depend only on (seed, step, micro-batch, rank): exact resumes.
-        torch.manual_seed(hash((self.cfg.train.seed, self.step, micro, self.dist.rank)) % 2**63)
+        # Dropout and Gumbel noise depend only on (seed, step, slot): exact resumes, and DDP
+        # runs that reproduce single-process gradient accumulation.
+        torch.manual_seed(hash((self.cfg.train.seed, self.step, self._slot(micro))) % 2**63)
 
     def train_update(self, batches) -> dict | None:
         """One optimizer update over `update_freq` micro-batches; None if it was skipped."""
@@ -183,7 +189,7 @@ class Trainer:
             ctx = self.model.no_sync() if self.ddp and not sync else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
-                    rec = self.task.train_step(self.model, batch, self.task.step_rng(t.seed, self.step, micro, self.dist.rank))
+                    rec = self.task.train_step(self.model, batch, self.task.step_rng(t.seed, self.step, self._slot(micro)))
                 loss = rec.loss * (0.0 if batch.is_dummy else 1.0)
                 if not torch.isfinite(loss.detach()):
                     nonfinite += 1

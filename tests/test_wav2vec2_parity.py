@@ -119,3 +119,20 @@ def test_base_preset_has_the_reference_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 95_044_608
     hf_keys = to_hf(model.state_dict(), "wav2vec2.")
     assert len(hf_keys) == 218
+
+
+@pytest.mark.parametrize("mode", ["default", "layer_norm"])
+def test_cpu_matmul_convolutions_equal_the_standard_path(mode):
+    from pretrain.feature_extractor import FeatureExtractor
+
+    layers = [(32, 10, 5), (32, 3, 2), (32, 3, 2), (32, 2, 2)]
+    fe = FeatureExtractor(layers, mode, bias=mode == "layer_norm").double()
+    wav = torch.randn(3, 4000, dtype=torch.float64, requires_grad=True)
+    fast = fe(wav)
+    fe.matmul_on_cpu = False
+    slow = fe(wav)
+    assert fast.shape == slow.shape and torch.allclose(fast, slow, atol=1e-12)
+    g = torch.randn_like(fast)
+    ga = torch.autograd.grad(fast, list(fe.parameters()), g)
+    gb = torch.autograd.grad(slow, list(fe.parameters()), g)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ga, gb))

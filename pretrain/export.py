@@ -1,0 +1,78 @@
+"""`python -m pretrain.export RUN_OR_CKPT --format hf --out DIR`: a transformers model directory.
+
+wav2vec 2.0 runs export as `Wav2Vec2ForPreTraining` (encoder, quantizer and heads); data2vec runs
+as `Data2VecAudioModel` (the student encoder; transformers has no data2vec pretraining head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data_prep.fsutil import atomic_write_text
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .hf_interop import hf_config, to_hf
+
+SAMPLE_RATE = 16_000
+
+
+def preprocessor_config(normalize: bool, layer_norm_extractor: bool) -> dict:
+    return {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": SAMPLE_RATE,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "do_normalize": normalize,
+        # GroupNorm models must see unpadded audio one utterance at a time (as in fairseq)
+        "return_attention_mask": layer_norm_extractor,
+    }
+
+
+def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
+    state = ckpt.load(checkpoint_path)
+    cfg = RunConfig.from_dict(state["config"])
+    m = cfg.model
+    weights = dict(state["model"])
+    if m.arch == "data2vec":
+        weights = {k: v for k, v in weights.items() if not k.startswith(("final_proj.", "regression_head."))}
+        hf_weights = to_hf(weights, "")
+    else:
+        hf_weights = to_hf(weights, "wav2vec2.")
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(m, cfg.data.normalize)
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    pre = preprocessor_config(cfg.data.normalize, m.extractor_mode == "layer_norm")
+    atomic_write_text(out / "preprocessor_config.json", json.dumps(pre, indent=2) + "\n")
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in hf_weights.items()}
+    tmp = out / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__)
+    p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its last checkpoint)")
+    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    try:
+        path = export_hf(args.checkpoint, args.out)
+    except (FileNotFoundError, RuntimeError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote a transformers model to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`python -m pretrain.extract RUN_OR_CKPT --manifest TSV --out DIR [--layer L]`: features per utterance.
+
+Each utterance is encoded whole, without masking or dropout, and saved as `DIR/<utterance id>.npy`
+(frames x dim, float32). By default that is the final encoder output (transformers'
+`last_hidden_state`); `--layer L` takes the output of transformer layer L (1-based) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.loader import normalize_wave
+from data_prep.sources import ManifestSource
+
+from . import checkpoint as ckpt
+from .build import build_task
+from .config import RunConfig
+
+
+def load_encoder(checkpoint_path: str | Path, device: torch.device):
+    state = ckpt.load(checkpoint_path)
+    cfg = RunConfig.from_dict(state["config"])
+    task = build_task(cfg.model)
+    task.model.load_state_dict(state["model"])
+    return cfg, task.model.to(device).eval()
+
+
+@torch.no_grad()
+def encode(model, wave: np.ndarray, device: torch.device, layer: int | None = None) -> np.ndarray:
+    source = torch.from_numpy(wave).to(device)[None]
+    front = model.frontend(source)
+    n = model.cfg.encoder_layers
+    if layer is not None and not 1 <= layer <= n:
+        raise ValueError(f"--layer must be between 1 and {n}")
+    x, _ = model.encoder(front.features, None, num_layers=layer if layer not in (None, n) else None)
+    return x[0].float().cpu().numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.extract", description=__doc__)
+    p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its last checkpoint)")
+    p.add_argument("--manifest", type=Path, required=True, help="a fairseq manifest (.tsv)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--layer", type=int, default=None)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        cfg, model = load_encoder(args.checkpoint, device)
+        source = ManifestSource(args.manifest)
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    for i in tqdm(range(len(source)), unit="utt", disable=None):
+        wave = source.read(i)
+        if cfg.data.normalize:
+            wave = normalize_wave(wave)
+        try:
+            feats = encode(model, wave, device, args.layer)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        tmp = args.out / f".{source.ids[i]}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+        tmp.replace(args.out / f"{source.ids[i]}.npy")
+    print(f"wrote {len(source)} feature files to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Two CPU processes (torchrun, gloo) give the losses of one process with update_freq 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_matches_update_freq_two(prepared, tmp_path):
+    common = ["-m", "pretrain", "--preset", "wav2vec2_tiny", "--data", str(prepared), "--max-steps", "6",
+              "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu",
+              "--set", "model.encoder_layerdrop=0.0"]
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    (tmp_path / "ddp.log").write_text(ddp.stderr)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["accuracy"]) for r in rows if r["split"] == "train"]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [x[0] for x in a] == [x[0] for x in b] == list(range(1, 7))
+    for (_, la, aa), (_, lb, ab) in zip(a, b):
+        assert abs(la - lb) <= 1e-4 * abs(la), (a, b)
+        assert aa == ab
