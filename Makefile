@@ -15,12 +15,15 @@ demo: install
 	$(PYTHON) -m data_prep toy $(WORK)/corpus
 	$(PYTHON) -m data_prep librispeech $(WORK)/corpus $(WORK)/manifests \
 		--finetuning-root $(WORK)/corpus/librispeech_finetuning --num-shards 2 --pack
+	$(PYTHON) -m pretrain --preset wav2vec2_tiny --data $(WORK)/manifests --out $(WORK)/wav2vec2
+	$(PYTHON) -m pretrain.export $(WORK)/wav2vec2 --format hf --out $(WORK)/wav2vec2-hf
 
 test: install
 	$(PYTHON) -m pytest -q tests
 
 bench: install
 	$(PYTHON) benchmarks/data_loading.py
+	$(PYTHON) benchmarks/wav2vec2_step.py
 
 clean:
 	rm -rf runs .pytest_cache

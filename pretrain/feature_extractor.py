@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_matmul import conv1d_channels_last
+from .conv_matmul import conv1d_phases
 
 
 class _ChannelLayerNorm(nn.LayerNorm):
@@ -37,19 +37,13 @@ class ConvLayer(nn.Module):
         else:
             self.norm = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T)
-        x = self.conv(x)
+    def forward(self, x: torch.Tensor, matmul: bool = False) -> torch.Tensor:  # (B, C, T)
+        if matmul:
+            x = conv1d_phases(x, self.conv.weight, self.conv.bias, self.conv.stride[0])
+        else:
+            x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x)
-        return F.gelu(x)
-
-    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
-        x = conv1d_channels_last(x, self.conv.weight, self.conv.bias, self.conv.stride[0])
-        if isinstance(self.norm, _ChannelLayerNorm):
-            n = self.norm
-            x = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps).type_as(x)
-        elif self.norm is not None:
-            raise NotImplementedError("GroupNorm only follows the first convolution")
         return F.gelu(x)
 
 
@@ -76,14 +70,11 @@ class FeatureExtractor(nn.Module):
         self.matmul_on_cpu = True
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
-        x = self.conv_layers[0](source.unsqueeze(1))
-        if self.matmul_on_cpu and x.device.type == "cpu":
-            x = x.transpose(1, 2).contiguous()
-            for layer in self.conv_layers[1:]:
-                x = layer.forward_channels_last(x)
-            return x
-        for layer in self.conv_layers[1:]:
-            x = layer(x)
+        x = source.unsqueeze(1)
+        # Layer 0 has one input channel: oneDNN's convolution is faster there.
+        matmul = self.matmul_on_cpu and x.device.type == "cpu"
+        for i, layer in enumerate(self.conv_layers):
+            x = layer(x, matmul=matmul and i > 0)
         return x.transpose(1, 2)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:

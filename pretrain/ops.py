@@ -14,10 +14,18 @@ import torch
 import torch.nn.functional as F
 
 
-def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+def _random_int16(shape: torch.Size) -> torch.Tensor:
     n = math.prod(shape)
-    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
-    return (bits >= -32768 + round(p * 65536)).view(shape)
+    return torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n].view(shape)
+
+
+def _keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    return _random_int16(shape) >= -32768 + round(p * 65536)
+
+
+def _drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Exactly the complement of `_keep_mask` for the same random state."""
+    return _random_int16(shape) < -32768 + round(p * 65536)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -31,6 +39,20 @@ class _MaskedScale(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
         return torch.where(keep, grad * ctx.scale, 0.0), None, None
+
+
+class _ZeroWhere(torch.autograd.Function):
+    """x with the `drop` positions zeroed; the caller applies the 1 / (1 - p) scale elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(drop)
+        return torch.where(drop, 0.0, x)  # one pass (masked_fill would copy, then fill)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (drop,) = ctx.saved_tensors
+        return torch.where(drop, 0.0, grad), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -47,8 +69,13 @@ def attention(
     """softmax(q k^T / sqrt(d) + mask) v with dropout on the weights; (B, H, T, d) tensors."""
     if not training or p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p if training else 0.0)
-    weights = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    b, h, t, d = q.shape
+    # 3-D bmm on (B*H, T, d): its backward reads the transposed weights in place, where a 4-D
+    # matmul would copy them.
+    q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+    weights = torch.bmm(q3 * (d**-0.5), k3.transpose(1, 2))
     if attn_mask is not None:
-        weights = weights.masked_fill(~attn_mask, float("-inf"))
-    weights = dropout(torch.softmax(weights, dim=-1), p, True)
-    return torch.matmul(weights, v)
+        weights = weights.view(b, h, t, t).masked_fill(~attn_mask, float("-inf")).view(b * h, t, t)
+    # Dropout on the weights, with its 1 / (1 - p) applied to the (much smaller) output.
+    weights = _ZeroWhere.apply(torch.softmax(weights, dim=-1), _drop_mask(weights.shape, p))
+    return (torch.bmm(weights, v3) * (1.0 / (1.0 - p))).view(b, h, t, d)
