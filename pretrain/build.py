@@ -70,3 +70,5 @@ def load_hf_weights(task: Task, weights: dict[str, torch.Tensor], hf_dir: Path) 
         raise ValueError(
             f"{hf_dir} does not fit this architecture: missing {really_missing[:5]}, unexpected {unexpected[:5]}"
         )
+    if hasattr(task, "reset_teacher"):
+        task.reset_teacher()

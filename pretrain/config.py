@@ -59,6 +59,21 @@ class ModelConfig:
     mask_min_masks: int = 2
     diversity_weight: float = 0.1
     feature_pen_weight: float = 10.0
+    # data2vec (fairseq `Data2VecAudioConfig`)
+    average_top_k_layers: int = 8
+    """Teacher layers whose FFN outputs are averaged into the target."""
+    instance_norm_target_layer: bool = True
+    loss_beta: float = 0.0
+    """0: L2 loss; > 0: smooth L1 with this beta."""
+    loss_scale: float = 0.0
+    """Loss multiplier (0: 1 / sqrt(encoder_embed_dim), fairseq's default)."""
+    ema_decay: float = 0.999
+    ema_end_decay: float = 0.9999
+    ema_anneal_end_step: int = 30_000
+    min_target_var: float = 0.1
+    min_pred_var: float = 0.01
+    collapse_check_after: int = 5_000
+    """Updates after which target / prediction variance below the minimum stops the run."""
 
 
 @dataclass

@@ -37,6 +37,8 @@ class Frontend:
 
     features: torch.Tensor
     """(B, T, D) projected, after dropout_input, before masking."""
+    projected: torch.Tensor
+    """(B, T, D) projected, before dropout_input (the data2vec teacher's input)."""
     unmasked: torch.Tensor
     """(B, T, C) LayerNormed conv features (quantizer input), after dropout_features."""
     features_pen: torch.Tensor
@@ -102,6 +104,7 @@ class Wav2Vec2Model(nn.Module):
             features = self.post_extract_proj(features)
         return Frontend(
             features=dropout(features, self.cfg.dropout_input, self.training),
+            projected=features,
             unmasked=dropout(unmasked, self.cfg.dropout_features, self.training),
             features_pen=features_pen,
             padding_mask=self.frame_padding_mask(padding_mask, features.shape[1]),

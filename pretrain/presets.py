@@ -84,3 +84,60 @@ def wav2vec2_tiny() -> RunConfig:
     c.train.log_interval, c.train.valid_interval, c.train.save_interval = 50, 250, 250
     c.train.max_valid_batches = 8
     return c
+
+
+@preset
+def data2vec_base() -> RunConfig:
+    """fairseq `examples/data2vec/config/audio/pretraining/base_librispeech.yaml`: 16 GPUs x 3.8M
+    samples, crops of 320k, normalised audio, tri-stage lr 5e-4 over 400k updates, fp16."""
+    c = wav2vec2_base()
+    m = c.model
+    m.arch, m.extractor_mode, m.feature_grad_mult = "data2vec", "layer_norm", 1.0
+    m.dropout_input = m.dropout_features = 0.0
+    m.pos_conv_depth, m.conv_pos, m.conv_pos_groups = 5, 95, 16
+    m.mask_min_masks = 1
+    m.feature_pen_weight = m.diversity_weight = 0.0
+    c.data.max_tokens, c.data.max_sample_size, c.data.normalize = 3_800_000, 320_000, True
+    c.data.required_batch_size_multiple = 1
+    c.optim.schedule, c.optim.phase_ratio = "tri_stage", [0.03, 0.9, 0.07]
+    c.optim.init_lr_scale = c.optim.final_lr_scale = 0.01
+    return c
+
+
+@preset
+def data2vec_large() -> RunConfig:
+    """The `data2vec-audio-large` architecture (24 x 1024, 16 heads, FFN 4096, post-LN).
+
+    fairseq ships no LARGE v1 pretraining config; our choice keeps the base objective, masking,
+    EMA and tri-stage shape, and takes the size-dependent settings from the closest published
+    LARGE speech recipe, wav2vec 2.0 LARGE (paper section 4.2): peak lr 3e-4, 1.2M samples per
+    GPU, LayerDrop 0.2; updates as BASE (400k). The seed checkpoint was trained on Libri-Light.
+    """
+    c = data2vec_base()
+    m = c.model
+    m.encoder_layers, m.encoder_embed_dim, m.encoder_ffn_embed_dim, m.encoder_attention_heads = 24, 1024, 4096, 16
+    m.encoder_layerdrop = 0.2
+    c.data.max_tokens = 1_200_000
+    c.optim.lr = 3e-4
+    return c
+
+
+@preset
+def data2vec_tiny() -> RunConfig:
+    """A CPU-sized data2vec for tests and the synthetic corpus (not a paper setting): the teacher
+    averages both layers and anneals its decay 0.99 -> 0.999 over 200 updates."""
+    c = data2vec_base()
+    t = wav2vec2_tiny()
+    m = c.model
+    m.conv_feature_layers = t.model.conv_feature_layers
+    m.encoder_layers, m.encoder_embed_dim, m.encoder_ffn_embed_dim, m.encoder_attention_heads = 2, 64, 256, 4
+    m.pos_conv_depth, m.conv_pos, m.conv_pos_groups = 2, 10, 4
+    m.encoder_layerdrop, m.average_top_k_layers = 0.0, 2
+    m.ema_decay, m.ema_end_decay, m.ema_anneal_end_step, m.collapse_check_after = 0.99, 0.999, 200, 100
+    c.data = t.data
+    c.data.normalize = True
+    c.optim.lr, c.optim.phase_ratio = 1e-3, [0.1, 0.6, 0.3]
+    c.train = t.train
+    c.train.max_steps = 400
+    c.train.log_interval, c.train.valid_interval, c.train.save_interval = 50, 200, 200
+    return c

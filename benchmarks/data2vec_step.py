@@ -1,0 +1,125 @@
+"""data2vec LARGE training step vs transformers' Data2VecAudioModel forward + backward.
+
+    python benchmarks/data2vec_step.py [--steps 1] [--seconds 10] [--batch 1]
+
+Ours: student forward on the masked input, EMA-teacher forward on the unmasked input, regression
+loss, backward, AdamW step and EMA update. transformers has no data2vec pretraining head, so its
+side is the encoder's forward + backward on the same batch (a squared-output loss), with no
+teacher and no optimizer: it does less work than ours. Each side runs in its own process;
+peak memory is RSS on CPU and the allocator peak on GPU. LayerDrop is off in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run_one(args) -> dict:
+    import numpy as np
+    import torch
+
+    from pretrain.hf_interop import hf_config, to_hf
+    from pretrain.presets import get_preset
+
+    cfg = get_preset("data2vec_large").model
+    cfg.encoder_layerdrop = 0.0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    wav = torch.from_numpy(rng.standard_normal((args.batch, int(args.seconds * 16000))).astype(np.float32))
+    if args.impl == "hf":
+        from transformers import Data2VecAudioConfig, Data2VecAudioModel
+
+        from pretrain.data2vec import Data2VecModel
+
+        ours = Data2VecModel(cfg)
+        model = Data2VecAudioModel(Data2VecAudioConfig(**hf_config(cfg, True)))
+        model.load_state_dict(to_hf({k: v for k, v in ours.state_dict().items() if not k.startswith("final_proj.")}, ""))
+        del ours
+        model.to(device).train()
+        wav = wav.to(device)
+
+        def step():
+            loss = model(wav).last_hidden_state.float().pow(2).mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        from data_prep.loader import Batch
+        from pretrain.data2vec_task import Data2VecTask
+
+        task = Data2VecTask(cfg).to(device)
+        model = task.model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+        batch = Batch(wav, None, torch.arange(args.batch))
+        count = [0]
+
+        def step():
+            rec = task.train_step(model, batch, np.random.default_rng(count[0]))
+            (rec.loss / rec.sample_size).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            count[0] += 1
+            task.after_update(count[0])
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    times = []
+    for i in range(args.steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"impl": args.impl, "device": device.type, "steps": times, "peak_mem_mb": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--impl", choices=["ours", "hf"], default=None)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data2vec_step.json")
+    args = p.parse_args()
+    if args.impl:
+        print(json.dumps(run_one(args)))
+        return
+    res = {}
+    for impl in ("hf", "ours"):
+        cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--seconds", str(args.seconds),
+               "--batch", str(args.batch)]
+        res[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    ours, hf = (statistics.median(res[k]["steps"]) for k in ("ours", "hf"))
+    import torch
+
+    summary = {
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "device": res["ours"]["device"],
+        "batch": f"{args.batch} x {args.seconds:g} s",
+        "step_s": {"ours_full_step_with_teacher_and_adamw": round(ours, 3), "transformers_forward_backward": round(hf, 3)},
+        "time_ratio_transformers_over_ours": round(hf / ours, 2),
+        "peak_mem_mb": {"ours": round(res["ours"]["peak_mem_mb"]), "transformers": round(res["hf"]["peak_mem_mb"])},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

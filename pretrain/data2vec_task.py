@@ -1,0 +1,120 @@
+"""The data2vec training step: masked student, EMA teacher targets, regression loss, collapse guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_prep.loader import Batch
+
+from .config import ModelConfig
+from .data2vec import Data2VecModel, default_scale, mean_std, regression_loss, std_stats
+from .distributed import all_reduce_sum
+from .ema import EMATeacher, ema_decay_at
+from .flops import train_flops_per_audio_second
+from .objective import LossRecord
+from .task import Task
+from .trainer import TrainingError
+from .wav2vec2_task import draw_masks
+
+
+class CollapseError(TrainingError):
+    """Target or prediction variance fell below fairseq's thresholds after the warm-up."""
+
+
+class Data2VecTask(Task):
+    sum_keys = ("loss", "sample_size", "target_energy")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.model = Data2VecModel(cfg)
+        self.teacher = EMATeacher(self.model.encoder)
+        self.num_updates = 0
+        self.decay = ema_decay_at(0, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_end_step)
+
+    def reset_teacher(self) -> None:
+        """Start the teacher from the student's current encoder (after loading weights)."""
+        device = self.model.mask_emb.device
+        self.teacher = EMATeacher(self.model.encoder).to(device)
+
+    def to(self, device: torch.device) -> "Data2VecTask":
+        self.model.to(device)
+        self.teacher.to(device)
+        return self
+
+    def _run(self, model: nn.Module, batch: Batch, rng: np.random.Generator, check: bool) -> LossRecord:
+        device = self.model.mask_emb.device
+        src = batch.source.to(device, non_blocking=True)
+        pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+        mask = draw_masks(self.model, batch, self.cfg, rng, device)
+        draws = torch.from_numpy(rng.random(self.cfg.encoder_layers))
+        out = model(src, pad, mask, draws)
+        y = self.teacher.targets(out.teacher_input, out.padding_mask, self.cfg.average_top_k_layers,
+                                 self.cfg.instance_norm_target_layer)[mask]
+        loss = regression_loss(out.predictions, y, self.cfg.loss_beta, default_scale(self.cfg))
+        with torch.no_grad():
+            stats = all_reduce_sum(torch.stack([std_stats(y), std_stats(out.predictions.detach())]))
+        target_std, pred_std = mean_std(stats[0]), mean_std(stats[1])
+        if check and self.num_updates > self.cfg.collapse_check_after:
+            self._check_collapse(target_std, pred_std)
+        n = int(mask.sum())
+        # the loss of predicting zero: how much there is to explain (loss / target_energy < 1 = learning)
+        energy = float(regression_loss(torch.zeros_like(y[:1]).expand_as(y), y, self.cfg.loss_beta, default_scale(self.cfg)))
+        logs = {"loss": float(loss.detach()), "sample_size": float(n), "target_energy": energy,
+                "target_var": target_std, "pred_var": pred_std, "ema_decay": self.decay}
+        return LossRecord(loss, n, logs)
+
+    def _check_collapse(self, target_std: float, pred_std: float) -> None:
+        c = self.cfg
+        if target_std < c.min_target_var:
+            raise CollapseError(
+                f"teacher targets collapsed at update {self.num_updates}: target variance {target_std:.4f} < "
+                f"{c.min_target_var}. The teacher now outputs nearly the same vector everywhere. Resume from an "
+                "earlier checkpoint with a lower optim.lr, a longer optim warm-up, or a slower EMA "
+                "(model.ema_anneal_end_step), and check that data.normalize is on."
+            )
+        if pred_std < c.min_pred_var:
+            raise CollapseError(
+                f"student predictions collapsed at update {self.num_updates}: prediction variance {pred_std:.4f} "
+                f"< {c.min_pred_var}. Resume from an earlier checkpoint with a lower optim.lr or clip the "
+                "gradients (optim.clip_norm)."
+            )
+
+    def train_step(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
+        return self._run(model, batch, rng, check=True)
+
+    def valid_step(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
+        return self._run(model, batch, rng, check=False)
+
+    def before_update(self, step: int) -> None:
+        self.num_updates = step
+
+    def after_update(self, step: int) -> None:
+        self.num_updates = step
+        self.decay = ema_decay_at(step, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step)
+        if self.decay < 1:
+            self.teacher.update(self.model.encoder, self.decay)
+
+    def summarize(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        n = max(sums.get("sample_size", 0.0), 1.0)
+        return {
+            "loss": sums["loss"] / n,
+            "target_energy": sums["target_energy"] / n,
+            "target_var": sums["target_var"] / max(count, 1),
+            "pred_var": sums["pred_var"] / max(count, 1),
+            "ema_decay": sums["ema_decay"] / max(count, 1),
+        }
+
+    def extra_state(self) -> dict:
+        return {"teacher": self.teacher.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+            self.num_updates = int(state.get("num_updates", 0))
+            self.decay = float(state.get("decay", self.decay))
+
+    def train_flops_per_audio_second(self) -> float:
+        # student forward + backward (3x) and the teacher forward (1x) over the encoder
+        return train_flops_per_audio_second(self.cfg) * 4 / 3
