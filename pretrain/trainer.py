@@ -248,7 +248,8 @@ class Trainer:
         self.model.eval()
         sums: dict[str, float] = defaultdict(float)
         count = 0
-        limit = self.cfg.train.max_valid_batches or len(self.valid_loader)
+        cap = self.cfg.train.max_valid_batches  # global: each rank takes its share
+        limit = -(-cap // self.dist.world_size) if cap else len(self.valid_loader)
         self.valid_loader.epoch, self.valid_loader.position = 1, 0
         with torch.no_grad(), self._autocast():
             for i, batch in enumerate(self.valid_loader):
@@ -256,7 +257,8 @@ class Trainer:
                     break
                 if batch.is_dummy:
                     continue
-                rec = self.task.valid_step(self.model, batch, np.random.default_rng([self.cfg.train.seed, 10**9, i]))
+                slot = i * self.dist.world_size + self.dist.rank  # masks follow the batch, not the rank
+                rec = self.task.valid_step(self.model, batch, np.random.default_rng([self.cfg.train.seed, 10**9, slot]))
                 for k, v in rec.logs.items():
                     sums[k] += v
                 count += 1

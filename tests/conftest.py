@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,14 @@ def prepared(toy_corpus, tmp_path_factory) -> Path:
         )
     )
     return out
+
+
+def pretrain_cmd(preset: str, data: Path, out: Path, *extra: str) -> list[str]:
+    """The `python -m pretrain` command line the tests run as a user would."""
+    return [sys.executable, "-m", "pretrain", "--preset", preset, "--data", str(data), "--out", str(out), *extra]
+
+
+def metric_rows(run: Path, split: str = "train") -> list[dict]:
+    """The records of one split in a run's metrics.jsonl."""
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["split"] == split]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import metric_rows, pretrain_cmd
 import torch
 
 transformers = pytest.importorskip("transformers")
@@ -120,11 +121,11 @@ def test_loss_and_variance_by_hand():
 
 
 def _cmd(data, out, *extra):
-    return [sys.executable, "-m", "pretrain", "--preset", "data2vec_tiny", "--data", str(data), "--out", str(out), *extra]
+    return pretrain_cmd("data2vec_tiny", data, out, *extra)
 
 
 def _rows(run, split="train"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+    return metric_rows(run, split)
 
 
 @pytest.mark.slow
@@ -148,6 +149,18 @@ def test_tiny_data2vec_learns_without_collapse(prepared, tmp_path):
     assert exp.returncode == 0, exp.stderr
     model, info = Data2VecAudioModel.from_pretrained(hf_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    feats = tmp_path / "feats"
+    ext = subprocess.run([sys.executable, "-m", "pretrain.extract", str(out), "--manifest", str(prepared / "dev-clean.tsv"),
+                          "--out", str(feats)], capture_output=True, text=True, cwd=ROOT, env=ENV)
+    assert ext.returncode == 0, ext.stderr
+    from data_prep.loader import normalize_wave
+    from data_prep.sources import ManifestSource
+
+    src = ManifestSource(prepared / "dev-clean.tsv")
+    with torch.no_grad():  # data2vec runs normalise each utterance first, as transformers' processor does
+        ref = model.eval()(torch.from_numpy(normalize_wave(src.read(0)))[None]).last_hidden_state[0].numpy()
+    got = np.load(feats / f"{src.ids[0]}.npy")
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
     cont = subprocess.run(_cmd(prepared, tmp_path / "cont", "--init-from", str(hf_dir), "--max-steps", "1",
                                "--set", "optim.lr=0"), capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
     assert cont.returncode == 0, cont.stderr[-2000:]

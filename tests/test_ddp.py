@@ -34,3 +34,29 @@ def test_two_rank_ddp_matches_update_freq_two(prepared, tmp_path):
     for (_, la, aa), (_, lb, ab) in zip(a, b):
         assert abs(la - lb) <= 1e-4 * abs(la), (a, b)
         assert aa == ab
+
+
+@pytest.mark.slow
+def test_data2vec_teachers_stay_identical_under_ddp(prepared, tmp_path):
+    import torch
+
+    from pretrain import checkpoint as ckpt
+
+    common = ["-m", "pretrain", "--preset", "data2vec_tiny", "--data", str(prepared), "--max-steps", "4",
+              "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = ckpt.load(tmp_path / "one"), ckpt.load(tmp_path / "two")
+    for k, v in a["task"]["teacher"].items():
+        assert torch.allclose(v, b["task"]["teacher"][k], rtol=1e-4, atol=1e-6), k
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] == [r["split"] for r in ref]  # train x4, then valid
+    for r, s in zip(rows, ref):  # validation too: the batch cap is global, each rank takes its share
+        assert abs(r["loss"] - s["loss"]) <= 1e-4 * abs(s["loss"]), (r, s)

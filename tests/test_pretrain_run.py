@@ -9,16 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import metric_rows, pretrain_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cmd(data, out, *extra):
-    return [sys.executable, "-m", "pretrain", "--preset", "wav2vec2_tiny", "--data", str(data), "--out", str(out), *extra]
+    return pretrain_cmd("wav2vec2_tiny", data, out, *extra)
 
 
 def _records(run, split="train"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+    return metric_rows(run, split)
 
 
 @pytest.mark.slow
