@@ -43,8 +43,17 @@ def test_attention_dropout_is_the_math_formula_with_that_mask():
     torch.manual_seed(3)
     out = attention(q, k, v, mask, 0.25, training=True)
     torch.manual_seed(3)
-    keep = _keep_mask(torch.Size([6, 7, 7]), 0.25).view(2, 3, 7, 7)
+    keep = _keep_mask(torch.Size([6, 7, 16]), 0.25).view(2, 3, 7, 16)[..., :7]  # keys padded to 16
     w = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
     assert torch.allclose(out, (w * keep / 0.75) @ v, atol=1e-12)
+    # gradients flow as through the plain formula (same mask)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    torch.manual_seed(3)
+    attention(qg, kg, vg, mask, 0.25, training=True).sum().backward()
+    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
+    w2 = (q2 @ k2.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
+    ((w2 * keep / 0.75) @ v2).sum().backward()
+    for a, r in ((qg, q2), (kg, k2), (vg, v2)):
+        assert torch.allclose(a.grad, r.grad, atol=1e-10)
     assert torch.allclose(attention(q, k, v, mask, 0.25, training=False),
                           F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-12)
