@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         print(f"wrote the synthetic corpus to {args.out} in {time.perf_counter() - start:.1f} s")
         return 0
-
-    import os
 
     from .librispeech import PrepOptions, prepare, summary_line
 

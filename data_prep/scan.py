@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .audio import AudioError, check_audio, read_audio, write_flac
@@ -167,5 +167,3 @@ def save_cache(path: Path, cache: dict) -> None:
 def problem_row(p: Problem) -> str:
     return "\t".join([p.split, p.path, p.reason, p.detail.replace("\t", " ").replace("\n", " ")])
 
-
-__all__ = ["Record", "Problem", "ChapterTask", "list_chapter_dirs", "scan_chapter", "asdict"]

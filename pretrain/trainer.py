@@ -210,7 +210,8 @@ class Trainer:
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, t_clip if (t_clip := self.cfg.optim.clip_norm) > 0 else math.inf)
+            max_norm = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
+            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             gnorm_f = float(gnorm)
         else:
             gnorm_f = math.nan

@@ -1,6 +1,5 @@
 """data2vec-audio: parity with transformers, EMA and targets by hand, learning, exact resume, export."""
 
-import json
 import os
 import signal
 import subprocess

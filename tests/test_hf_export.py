@@ -1,6 +1,5 @@
 """Export to transformers, start from transformers, and feature extraction equal to transformers."""
 
-import json
 import os
 import subprocess
 import sys
