@@ -5,18 +5,27 @@ PYTHON ?= python3
 TORCH ?= torch
 WORK ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo pipeline test bench clean
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "$(TORCH)"
 	$(PYTHON) -m pip install -q -e ".[dev]"
 
-demo: install
+demo: install pipeline
+
+# The main job itself: synthetic corpus -> prep -> pretraining -> CTC fine-tuning -> evaluation
+# (greedy and with a word LM) -> transformers export -> summary. About 5 minutes on 2 CPU cores.
+pipeline:
 	$(PYTHON) -m data_prep toy $(WORK)/corpus
 	$(PYTHON) -m data_prep librispeech $(WORK)/corpus $(WORK)/manifests \
 		--finetuning-root $(WORK)/corpus/librispeech_finetuning --num-shards 2 --pack
 	$(PYTHON) -m pretrain --preset wav2vec2_tiny --data $(WORK)/manifests --out $(WORK)/wav2vec2
-	$(PYTHON) -m pretrain.export $(WORK)/wav2vec2 --format hf --out $(WORK)/wav2vec2-hf
+	$(PYTHON) -m finetune --preset ctc_tiny --init-from $(WORK)/wav2vec2 --data $(WORK)/manifests --out $(WORK)/ctc
+	$(PYTHON) -m finetune.ngram $(WORK)/manifests/train.wrd --order 2 --out $(WORK)/lm.arpa
+	$(PYTHON) -m finetune.evaluate $(WORK)/ctc --data $(WORK)/manifests
+	$(PYTHON) -m finetune.evaluate $(WORK)/ctc --data $(WORK)/manifests --lm $(WORK)/lm.arpa
+	$(PYTHON) -m finetune.export $(WORK)/ctc --format hf --out $(WORK)/ctc-hf
+	$(PYTHON) -m finetune.summary $(WORK)
 
 test: install
 	$(PYTHON) -m pytest -q tests

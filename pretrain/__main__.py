@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -66,41 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data / (cfg.train.train_split + '.tsv')} not found; prepare data with `python -m data_prep`",
               file=sys.stderr)
         return 2
-    return run(cfg, args.data, args.out, args.device, hf_weights, args.init_from)
-
-
-def run(cfg, data: Path, out: Path, device_name: str | None, hf_weights=None, hf_dir=None) -> int:
-    from . import distributed
     from .build import build_task, load_hf_weights
-    from .metrics import MetricLogger
-    from .trainer import Trainer, TrainingError, seed_all, write_config
+    from .runner import run
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    info = distributed.init(device.type)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
-    try:
-        seed_all(cfg.train.seed)  # the same initial weights on every rank and every run
-        task = build_task(cfg.model)
-        trainer = Trainer(cfg, task, out, data, device, info)
-        resumed = trainer.resume_if_possible()
-        if not resumed and hf_weights is not None:
-            load_hf_weights(task, hf_weights, hf_dir)
-        if info.is_main:
-            write_config(out, cfg)
-        logger = MetricLogger(out, trainer.step, enabled=info.is_main)
-        final = trainer.fit(logger)
-        trainer.save()
-        logger.close()
-    except (TrainingError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
-    if info.is_main:
-        print(json.dumps({"step": trainer.step, "run_dir": str(out), **{k: round(v, 4) for k, v in final.items()}}))
-    return 0
+    init = None if hf_weights is None else (lambda task: load_hf_weights(task, hf_weights, args.init_from))
+    return run(cfg, args.data, args.out, args.device, lambda: build_task(cfg.model), init)
 
 
 if __name__ == "__main__":

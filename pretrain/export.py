@@ -1,4 +1,5 @@
-"""`python -m pretrain.export RUN_OR_CKPT --format hf --out DIR`: a transformers model directory.
+"""`python -m pretrain.export RUN_OR_CKPT --format hf|fairseq2 --out DIR`: a transformers model directory,
+or a fairseq2 checkpoint with its asset card (`pretrain.fairseq2_interop`).
 
 wav2vec 2.0 runs export as `Wav2Vec2ForPreTraining` (encoder, quantizer and heads); data2vec runs
 as `Data2VecAudioModel` (the student encoder; transformers has no data2vec pretraining head).
@@ -37,6 +38,8 @@ def preprocessor_config(normalize: bool, layer_norm_extractor: bool) -> dict:
 
 def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
     state = ckpt.load(checkpoint_path)
+    if "ctc" in state.get("config", {}):
+        raise ValueError(f"{checkpoint_path} is a fine-tuned CTC run: export it with `python -m finetune.export`")
     cfg = RunConfig.from_dict(state["config"])
     m = cfg.model
     weights = dict(state["model"])
@@ -50,28 +53,49 @@ def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
     atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
     pre = preprocessor_config(cfg.data.normalize, m.extractor_mode == "layer_norm")
     atomic_write_text(out / "preprocessor_config.json", json.dumps(pre, indent=2) + "\n")
+    save_safetensors(hf_weights, out / "model.safetensors")
+    return out
+
+
+def save_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """fp32, contiguous, unshared tensors, written atomically."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in hf_weights.items()}
-    tmp = out / ".model.safetensors.tmp"
+    tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
-    return out
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its last checkpoint)")
-    p.add_argument("--format", choices=["hf"], default="hf")
+    p.add_argument("--format", choices=["hf", "fairseq2"], default="hf")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", default=None, help="fairseq2 asset name (default: the output directory's name)")
     args = p.parse_args(argv)
     try:
-        path = export_hf(args.checkpoint, args.out)
-    except (FileNotFoundError, RuntimeError, KeyError) as err:
+        if args.format == "hf":
+            path = export_hf(args.checkpoint, args.out)
+            print(f"wrote a transformers model to {path}")
+        else:
+            card = export_fairseq2_run(args.checkpoint, args.out, args.name or args.out.name)
+            print(f"wrote a fairseq2 wav2vec2 checkpoint to {args.out}; load it with "
+                  f"FAIRSEQ2_USER_ASSET_DIR={args.out} and the asset name {card.stem}")
+    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote a transformers model to {path}")
     return 0
+
+
+def export_fairseq2_run(checkpoint_path: str | Path, out: Path, name: str) -> Path:
+    from .fairseq2_interop import export_fairseq2
+
+    state = ckpt.load(checkpoint_path)
+    if "ctc" in state.get("config", {}):
+        raise ValueError(f"{checkpoint_path} is a fine-tuned CTC run: export it with `python -m finetune.export`")
+    cfg = RunConfig.from_dict(state["config"])
+    return export_fairseq2(state["model"], cfg.model, out, name, step=int(state.get("step", 0)))
 
 
 if __name__ == "__main__":

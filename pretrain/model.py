@@ -61,7 +61,8 @@ class Wav2Vec2Output:
 
 
 class Wav2Vec2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, pretraining_heads: bool = True) -> None:
+        """`pretraining_heads=False` leaves out the quantizer and projections (fine-tuning)."""
         super().__init__()
         self.cfg = cfg
         self.feature_extractor = FeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)
@@ -75,7 +76,7 @@ class Wav2Vec2Model(nn.Module):
             cfg.dropout, cfg.attention_dropout, cfg.activation_dropout, cfg.encoder_layerdrop,
             cfg.layer_norm_first, cfg.conv_pos, cfg.conv_pos_groups, cfg.pos_conv_depth,
         )
-        if cfg.arch == "wav2vec2":
+        if cfg.arch == "wav2vec2" and pretraining_heads:
             vq_dim = cfg.latent_dim or cfg.final_dim
             self.quantizer = GumbelQuantizer(conv_dim, cfg.latent_vars, cfg.latent_groups, vq_dim)
             self.project_q = nn.Linear(vq_dim, cfg.final_dim)

@@ -21,6 +21,8 @@ class Task:
     model: nn.Module
     #: log keys that are sums over samples (divided when summarised) vs. per-step values (averaged)
     sum_keys: tuple[str, ...] = ()
+    #: validation metric that picks the best checkpoint (lower is better)
+    best_metric: str = "loss"
 
     def step_rng(self, seed: int, step: int, slot: int) -> np.random.Generator:
         """Masks and negatives of micro-batch `slot` of update `step`."""

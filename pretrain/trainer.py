@@ -314,8 +314,9 @@ class Trainer:
                 is_best = False
                 if valid is not None:
                     logger.log("valid", self.step, valid)
-                    is_best = valid["loss"] < self.best_valid
-                    self.best_valid = min(self.best_valid, valid["loss"])
+                    score = valid[self.task.best_metric]
+                    is_best = score < self.best_valid
+                    self.best_valid = min(self.best_valid, score)
                 if self.step % t.save_interval == 0 or self.step == t.max_steps or is_best:
                     self.save(is_best)
                 started = time.perf_counter()

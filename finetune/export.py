@@ -1,0 +1,93 @@
+"""`python -m finetune.export RUN_OR_CKPT --format hf|fairseq2 --out DIR`: ship a fine-tuned CTC model.
+
+`hf` writes a transformers directory that `Wav2Vec2ForCTC` (or `Data2VecAudioForCTC`) and
+`Wav2Vec2Processor` load. The vocabulary keeps our indices, with the first two names swapped as
+transformers' own fairseq converter does: index 0, the CTC blank, is called `<pad>` there.
+`fairseq2` writes a `wav2vec2_asr` checkpoint and an asset card (`pretrain.fairseq2_interop`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_prep.fsutil import atomic_write_text
+from pretrain.export import preprocessor_config, save_safetensors
+from pretrain.hf_interop import hf_config, to_hf
+
+from .config import FinetuneConfig
+from .dictionary import Dictionary
+from .inference import load_ctc
+
+HF_CLASSES = {"wav2vec2": ("Wav2Vec2ForCTC", "wav2vec2."), "data2vec": ("Data2VecAudioForCTC", "data2vec_audio.")}
+
+
+def hf_vocab(dictionary: Dictionary) -> dict[str, int]:
+    names = {0: "<pad>", 1: "<s>"}  # transformers' CTC blank is its pad token
+    return {names.get(i, s): i for i, s in enumerate(dictionary.symbols)}
+
+
+def hf_ctc_config(cfg: FinetuneConfig, vocab_size: int) -> dict:
+    arch_class, _ = HF_CLASSES[cfg.model.arch]
+    config = hf_config(cfg.model, cfg.data.normalize)
+    config.update(
+        architectures=[arch_class], vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ctc_loss_reduction="sum", ctc_zero_infinity=True, final_dropout=cfg.ctc.final_dropout,
+        mask_feature_prob=cfg.ctc.mask_channel_prob, mask_feature_length=cfg.ctc.mask_channel_length,
+    )
+    return config
+
+
+def export_hf(checkpoint: str | Path, out: Path) -> Path:
+    cfg, model, dictionary, _ = load_ctc(checkpoint)
+    _, prefix = HF_CLASSES[cfg.model.arch]
+    state = model.state_dict()
+    encoder = {k[len("w2v."):]: v for k, v in state.items() if k.startswith("w2v.")}
+    weights = to_hf(encoder, prefix)
+    weights["lm_head.weight"], weights["lm_head.bias"] = state["proj.weight"], state["proj.bias"]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json = lambda name, obj: atomic_write_text(out / name, json.dumps(obj, indent=2) + "\n")  # noqa: E731
+    write_json("config.json", hf_ctc_config(cfg, len(dictionary)))
+    pre = preprocessor_config(cfg.data.normalize, cfg.model.extractor_mode == "layer_norm")
+    write_json("preprocessor_config.json", dict(pre, processor_class="Wav2Vec2Processor"))
+    write_json("vocab.json", hf_vocab(dictionary))
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    write_json("special_tokens_map.json", specials)
+    write_json("tokenizer_config.json", dict(
+        specials, tokenizer_class="Wav2Vec2CTCTokenizer", word_delimiter_token="|", do_lower_case=False,
+        processor_class="Wav2Vec2Processor",
+    ))
+    save_safetensors(weights, out / "model.safetensors")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
+    p.add_argument("--format", choices=["hf", "fairseq2"], default="hf")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name", default=None, help="fairseq2 asset name (default: the output directory's name)")
+    args = p.parse_args(argv)
+    try:
+        if args.format == "hf":
+            path = export_hf(args.checkpoint, args.out)
+            print(f"wrote a transformers CTC model to {path}")
+        else:
+            from pretrain.fairseq2_interop import export_fairseq2
+
+            cfg, model, dictionary, _ = load_ctc(args.checkpoint)
+            card = export_fairseq2(model.state_dict(), cfg.model, args.out, args.name or args.out.name,
+                                   vocab_size=len(dictionary), final_dropout=cfg.ctc.final_dropout)
+            print(f"wrote a fairseq2 wav2vec2_asr checkpoint to {args.out}; load it with "
+                  f"FAIRSEQ2_USER_ASSET_DIR={args.out} and the asset name {card.stem}")
+    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

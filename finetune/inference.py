@@ -1,0 +1,49 @@
+"""Loading a fine-tuned CTC checkpoint and running it on waveforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.loader import normalize_wave
+from pretrain import checkpoint as ckpt
+
+from .config import FinetuneConfig
+from .dictionary import Dictionary
+from .model import CTCModel
+
+
+def resolve_for_inference(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory: its best checkpoint (by validation WER), else its last."""
+    p = Path(path)
+    best = p / "checkpoints" / "best.pt"
+    return best.resolve() if p.is_dir() and best.exists() else ckpt.resolve(p)
+
+
+def load_ctc(path: str | Path, device: torch.device | str = "cpu") -> tuple[FinetuneConfig, CTCModel, Dictionary, Path]:
+    where = resolve_for_inference(path)
+    state = ckpt.load(where)
+    config = state.get("config", {})
+    if "ctc" not in config:
+        raise ValueError(
+            f"{where} is a pretraining checkpoint without a CTC head; fine-tune it first: "
+            f"python -m finetune --init-from {path} --data DIR --out RUN"
+        )
+    cfg = FinetuneConfig.from_dict(config)
+    dictionary = Dictionary(cfg.ctc.symbols)
+    model = CTCModel(cfg.model, len(dictionary), cfg.ctc.final_dropout)
+    model.load_state_dict(state["model"])
+    return cfg, model.to(device).eval(), dictionary, where
+
+
+@torch.no_grad()
+def emissions(model: CTCModel, wave: np.ndarray, normalize: bool) -> torch.Tensor:
+    """(T, V) float32 logits of one 16 kHz mono utterance, whole (no padding)."""
+    if normalize:
+        wave = normalize_wave(wave)
+    device = model.proj.weight.device
+    source = torch.as_tensor(np.asarray(wave, dtype=np.float32), device=device)[None]
+    logits, _ = model(source)
+    return logits[0].float().cpu()

@@ -1,0 +1,62 @@
+"""Where fine-tuning starts from: one of our pretraining (or CTC) runs, or a transformers directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrain import checkpoint as ckpt
+from pretrain.build import read_hf_dir
+from pretrain.config import ModelConfig, RunConfig
+from pretrain.hf_interop import from_hf, model_config_from_hf
+
+from .model import PRETRAINING_HEADS
+
+
+@dataclass
+class Pretrained:
+    model: ModelConfig
+    """Its architecture (other fields are its pretraining settings)."""
+    normalize: bool
+    """Whether it was trained on standardised waveforms (fine-tuning must do the same)."""
+    weights: dict[str, torch.Tensor]
+    """`Wav2Vec2Model` parameters without pretraining heads."""
+    where: str
+
+
+def _encoder_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith(PRETRAINING_HEADS)}
+
+
+def _from_hf_dir(path: Path) -> Pretrained:
+    hf, weights = read_hf_dir(path)
+    model = model_config_from_hf(hf)
+    ours = from_hf({k: v for k, v in weights.items() if not k.startswith(("lm_head.", "dropout"))})
+    pre = path / "preprocessor_config.json"
+    # transformers' default: wav2vec2 BASE/LARGE on raw audio, data2vec and LV-60k on normalised audio
+    normalize = json.loads(pre.read_text()).get("do_normalize", False) if pre.exists() else model.arch == "data2vec"
+    return Pretrained(model, bool(normalize), _encoder_only(ours), str(path))
+
+
+def _from_checkpoint(path: Path) -> Pretrained:
+    state = ckpt.load(path)
+    config = state.get("config", {})
+    if "model" not in config or "model" not in state:
+        raise ValueError(f"{path} is not a checkpoint written by `python -m pretrain` or `python -m finetune`")
+    cfg = RunConfig.from_dict({k: config[k] for k in ("preset", "model", "data", "optim", "train")})
+    weights = state["model"]
+    if "ctc" in config:  # a fine-tuned run: keep its encoder, start a new head
+        weights = {k[len("w2v."):]: v for k, v in weights.items() if k.startswith("w2v.")}
+    return Pretrained(cfg.model, cfg.data.normalize, _encoder_only(weights), str(ckpt.resolve(path)))
+
+
+def load_pretrained(source: str | Path) -> Pretrained:
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"--init-from {path} does not exist")
+    if path.is_dir() and (path / "config.json").exists() and not (path / "checkpoints").exists():
+        return _from_hf_dir(path)
+    return _from_checkpoint(path)

@@ -1,0 +1,66 @@
+"""Running a training stage end to end: devices, distributed set-up, resume, fit, final checkpoint.
+
+Shared by `python -m pretrain` and `python -m finetune`; a stage supplies its task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import RunConfig
+from .task import Task
+
+
+def pick_device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run(
+    cfg: RunConfig,
+    data: Path,
+    out: Path,
+    device_name: str | None,
+    build: Callable[[], Task],
+    init: Callable[[Task], None] | None = None,
+    labels: str | None = None,
+) -> int:
+    """Train `build()` on `data` into `out`; `init(task)` runs only when there is nothing to resume."""
+    from . import distributed
+    from .metrics import MetricLogger
+    from .trainer import Trainer, TrainingError, seed_all, write_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = pick_device(device_name)
+    info = distributed.init(device.type)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", info.local_rank)
+    try:
+        seed_all(cfg.train.seed)  # the same initial weights on every rank and every run
+        task = build()
+        trainer = Trainer(cfg, task, out, data, device, info, labels=labels)
+        resumed = trainer.resume_if_possible()
+        if not resumed and init is not None:
+            init(task)
+        if info.is_main:
+            write_config(out, cfg)
+        logger = MetricLogger(out, trainer.step, enabled=info.is_main)
+        final = trainer.fit(logger)
+        trainer.save()
+        logger.close()
+    except (TrainingError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    if info.is_main:
+        summary = {"step": trainer.step, "run_dir": str(out), **{k: round(v, 4) for k, v in final.items()}}
+        if trainer.best_valid != float("inf"):
+            summary[f"best_valid_{task.best_metric}"] = round(trainer.best_valid, 4)
+        print(json.dumps(summary))
+    return 0
