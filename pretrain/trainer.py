@@ -126,8 +126,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict, where: Path) -> None:
         check_architecture(state["config"]["model"], self.cfg.to_dict()["model"], where)
+        self.task.load_extra_state(state.get("task", {}))  # first: it may refuse an incompatible checkpoint
         self.task.model.load_state_dict(state["model"])
-        self.task.load_extra_state(state.get("task", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
@@ -198,8 +198,8 @@ class Trainer:
             if not batch.is_dummy:
                 sample_size += rec.sample_size
                 audio_samples += batch.num_samples
-                for k, v in rec.logs.items():
-                    sums[k] += v
+            for k, v in rec.logs.items():  # every rank logs the same keys, or the all-reduce breaks
+                sums[k] += 0.0 if batch.is_dummy else v
         stats = all_reduce_sum(torch.tensor([sample_size, nonfinite, audio_samples], dtype=torch.float64, device=self.device))
         total_size, any_nonfinite, total_audio = float(stats[0]), float(stats[1]), float(stats[2])
         params = [p for p in self.task.model.parameters() if p.requires_grad]
@@ -256,13 +256,13 @@ class Trainer:
             for i, batch in enumerate(self.valid_loader):
                 if i >= limit:
                     break
-                if batch.is_dummy:
-                    continue
                 slot = i * self.dist.world_size + self.dist.rank  # masks follow the batch, not the rank
                 rec = self.task.valid_step(self.model, batch, np.random.default_rng([self.cfg.train.seed, 10**9, slot]))
+                # a dummy batch (a rank with nothing left) counts zero but keeps the logged keys equal
+                weight = 0.0 if batch.is_dummy else 1.0
                 for k, v in rec.logs.items():
-                    sums[k] += v
-                count += 1
+                    sums[k] += weight * v
+                count += int(weight)
         keys = torch.tensor([sums[k] for k in sorted(sums)] + [count], dtype=torch.float64, device=self.device)
         keys = all_reduce_sum(keys)
         merged = dict(zip(sorted(sums), keys[:-1].tolist()))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,3 +50,24 @@ def metric_rows(run: Path, split: str = "train") -> list[dict]:
     """The records of one split in a run's metrics.jsonl."""
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return [r for r in rows if r["split"] == split]
+
+
+def finetune_cmd(init: Path | None, data: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m finetune` with the tiny preset (no --init-from when `init` is None)."""
+    cmd = [sys.executable, "-m", "finetune", "--preset", "ctc_tiny", "--data", str(data), "--out", str(out)]
+    return cmd + (["--init-from", str(init)] if init else []) + list(extra)
+
+
+def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command line, failing the test with its output if it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(prepared, tmp_path_factory) -> Path:
+    """A briefly pretrained tiny wav2vec 2.0 run, the source of the fine-tuning tests."""
+    out = tmp_path_factory.mktemp("w2v") / "run"
+    run_ok(pretrain_cmd("wav2vec2_tiny", prepared, out, "--max-steps", "20", "--set", "train.valid_interval=1000"))
+    return out

@@ -60,3 +60,36 @@ def test_data2vec_teachers_stay_identical_under_ddp(prepared, tmp_path):
     assert [r["split"] for r in rows] == [r["split"] for r in ref]  # train x4, then valid
     for r, s in zip(rows, ref):  # validation too: the batch cap is global, each rank takes its share
         assert abs(r["loss"] - s["loss"]) <= 1e-4 * abs(s["loss"]), (r, s)
+
+
+@pytest.mark.slow
+def test_ctc_fine_tuning_under_ddp_matches_update_freq_two(pretrained_run, prepared, tmp_path):
+    """Through the frozen period into full training: the frozen encoder leaves parameters without
+    gradients, which DDP must accept; losses, WER and final weights match one process."""
+    import torch
+
+    from pretrain import checkpoint as ckpt
+
+    common = ["-m", "finetune", "--preset", "ctc_tiny", "--init-from", str(pretrained_run), "--data", str(prepared),
+              "--max-steps", "4", "--train-split", "train", "--set", "ctc.freeze_finetune_updates=2", "--set", "train.log_interval=1",
+              "--set", "train.valid_interval=4", "--set", "train.max_valid_batches=4", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in rows] == [(r["split"], r["step"]) for r in ref]
+    for r, s in zip(rows, ref):
+        assert abs(r["loss"] - s["loss"]) <= 1e-4 * abs(s["loss"]), (r, s)
+    assert rows[-1]["wer"] == ref[-1]["wer"] and rows[-1]["cer"] == ref[-1]["cer"]
+    # Adam turns float noise in near-zero gradients into whole steps on a few elements, so the
+    # weights agree element-wise only almost everywhere; unsynchronised gradients would differ everywhere.
+    a, b = ckpt.load(tmp_path / "one")["model"], ckpt.load(tmp_path / "two")["model"]
+    differing = sum(int(((a[k] - b[k]).abs() > 1e-4).sum()) for k in a)
+    assert differing <= 1e-3 * sum(v.numel() for v in a.values()), differing
+    assert not torch.equal(a["w2v.encoder.layers.0.fc1.weight"], ckpt.load(pretrained_run)["model"]["encoder.layers.0.fc1.weight"])

@@ -74,8 +74,7 @@ FS2_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.environ.get("FAIRSEQ2_PYTHON"), reason="opt-in: set FAIRSEQ2_PYTHON to a Python with fairseq2 0.8.1")
 def test_fairseq2_loads_and_matches(tmp_path, prepared):
-    from conftest import pretrain_cmd
-    from test_finetune_run import finetune_cmd, run_ok
+    from conftest import finetune_cmd, pretrain_cmd, run_ok
 
     from finetune.inference import emissions, load_ctc
 

@@ -12,29 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import metric_rows, pretrain_cmd
+from conftest import finetune_cmd, metric_rows, run_ok
 
 from pretrain import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
-
-
-def finetune_cmd(init: Path | None, data: Path, out: Path, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "finetune", "--preset", "ctc_tiny", "--data", str(data), "--out", str(out)]
-    return cmd + (["--init-from", str(init)] if init else []) + list(extra)
-
-
-def run_ok(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="session")
-def pretrained_run(prepared, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("w2v") / "run"
-    run_ok(pretrain_cmd("wav2vec2_tiny", prepared, out, "--max-steps", "20", "--set", "train.valid_interval=1000"))
-    return out
 
 
 @pytest.fixture(scope="session")
