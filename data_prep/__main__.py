@@ -17,6 +17,16 @@ def _positive(value: str) -> int:
     return n
 
 
+def _parse_part(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part expects I/N such as 3/16, got {text!r}") from None
+    if count < 1:
+        raise ValueError(f"--part {text}: N must be at least 1")
+    return index, count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--valid-split", default="dev-clean", help="split copied to valid.* (default dev-clean)")
     ls.add_argument("--valid-percent", type=float, default=0.0, help="hold out this fraction of train as valid instead")
     ls.add_argument("--seed", type=int, default=0, help="seed of the --valid-percent hold-out")
+    ls.add_argument("--part", default=None, metavar="I/N",
+                    help="job-array task I of N: decode every N-th chapter into a partial cache, write no manifests; "
+                         "a run without --part then merges (see `python -m slurm prep --array N`)")
     return parser
 
 
@@ -68,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         valid_percent=args.valid_percent,
     )
     try:
+        if args.part:
+            from .librispeech import prepare_part
+
+            index, count = _parse_part(args.part)
+            result = prepare_part(opts, index, count)
+            print(f"part {index}/{count}: scanned {result.usable} usable utterances, {len(result.problems)} problems")
+            return 0
         result = prepare(opts)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

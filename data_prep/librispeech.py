@@ -73,16 +73,31 @@ def resolve_root(root: Path) -> Path:
     return root
 
 
-def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions) -> PrepResult:
-    """jobs: (split name, split directory, corpus root the manifest paths are relative to)."""
+def _load_caches(cache_dir: Path, name: str) -> dict:
+    """A split's scan cache, with what job-array tasks (`prepare_part`) left next to it."""
+    stem = name.replace("/", "_")
+    cache = load_cache(cache_dir / f"{stem}.json")
+    for part in sorted(cache_dir.glob(f"{stem}.part*.json")):
+        cache.update(load_cache(part))
+    return cache
+
+
+def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions, part: tuple[int, int] | None = None) -> PrepResult:
+    """jobs: (split name, split directory, corpus root the manifest paths are relative to).
+
+    With `part=(i, n)` only every n-th chapter from the i-th is scanned, and the results go to a
+    partial cache that a later full run reads instead of decoding again.
+    """
     cache_dir = opts.out / ".cache"
-    caches = {name: load_cache(cache_dir / f"{name.replace('/', '_')}.json") for name, _, _ in jobs}
+    caches = {name: _load_caches(cache_dir, name) for name, _, _ in jobs}
     tasks = []
     for name, split_dir, corpus_root in jobs:
         for chapter in list_chapter_dirs(split_dir):
             rel_dir = chapter.relative_to(corpus_root).as_posix() + "/"
             sub = {k: v for k, v in caches[name].items() if k.startswith(rel_dir) and "/" not in k[len(rel_dir):]}
             tasks.append(ChapterTask(name, str(corpus_root), str(chapter), str(opts.out / "converted"), opts.decode, sub))
+    if part is not None:
+        tasks = tasks[part[0] :: part[1]]
     result = PrepResult(splits={name: [] for name, _, _ in jobs})
     fresh: dict[str, dict] = defaultdict(dict)
     from tqdm import tqdm
@@ -97,7 +112,13 @@ def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions) -> PrepResu
             bar.update(1)
     bar.close()
     for name, _, _ in jobs:
-        save_cache(cache_dir / f"{name.replace('/', '_')}.json", fresh.get(name, {}))
+        stem = name.replace("/", "_")
+        if part is None:
+            save_cache(cache_dir / f"{stem}.json", fresh.get(name, {}))
+            for leftover in cache_dir.glob(f"{stem}.part*.json"):
+                leftover.unlink()
+        else:
+            save_cache(cache_dir / f"{stem}.part{part[0]}-of-{part[1]}.json", fresh.get(name, {}))
         result.splits[name].sort(key=lambda r: r.relpath)
     result.problems.sort(key=lambda p: (p.split, p.path))
     return result
@@ -124,9 +145,8 @@ def _hours(records: list[Record]) -> float:
     return sum(r.num_samples for r in records) / SAMPLE_RATE / 3600
 
 
-def prepare(opts: PrepOptions) -> PrepResult:
+def _jobs(opts: PrepOptions) -> tuple[Path, list[str], Path | None, list[tuple[str, Path, Path]]]:
     root = resolve_root(opts.root)
-    opts.out.mkdir(parents=True, exist_ok=True)
     splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     jobs = [(s, root / s, root) for s in splits]
     ft_root = opts.finetuning_root.resolve() if opts.finetuning_root else None
@@ -137,6 +157,22 @@ def prepare(opts: PrepOptions) -> PrepResult:
             if not (ft_root / sub).is_dir():
                 raise FileNotFoundError(f"{ft_root / sub} is missing: is {ft_root} the Libri-Light librispeech_finetuning directory?")
             jobs.append((f"finetuning/{sub}", ft_root / sub, ft_root))
+    return root, splits, ft_root, jobs
+
+
+def prepare_part(opts: PrepOptions, index: int, count: int) -> PrepResult:
+    """Task `index` of a job array of `count`: decode its share of the chapters into a partial
+    cache and write nothing else; a final `prepare` with the same options merges the parts."""
+    if not 0 <= index < count:
+        raise ValueError(f"part {index} of {count} does not exist (parts are numbered 0 to {count - 1})")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    _, _, _, jobs = _jobs(opts)
+    return _scan_all(jobs, opts, part=(index, count))
+
+
+def prepare(opts: PrepOptions) -> PrepResult:
+    opts.out.mkdir(parents=True, exist_ok=True)
+    root, splits, ft_root, jobs = _jobs(opts)
     result = _scan_all(jobs, opts)
     if result.usable == 0:
         _write_report(opts.out, result)

@@ -55,6 +55,7 @@ def _limited(split: str, max_steps: int, channel_prob: float, layerdrop: float) 
     c.ctc.mask_channel_prob, c.ctc.freeze_finetune_updates = channel_prob, 10_000
     c.optim.lr = 5e-5
     c.train.max_steps, c.train.update_freq, c.train.train_split = max_steps, 4, split
+    c.train.reference_batch = 8
     return c
 
 
@@ -89,7 +90,7 @@ def ctc_960h() -> FinetuneConfig:
     c.model.mask_prob, c.model.encoder_layerdrop = 0.5, 0.1
     c.ctc.mask_channel_prob = 0.1
     c.optim.lr = 1e-4
-    c.train.max_steps, c.train.train_split = 320_000, "train"
+    c.train.max_steps, c.train.train_split, c.train.reference_batch = 320_000, "train", 8
     return c
 
 
@@ -106,6 +107,6 @@ def ctc_tiny() -> FinetuneConfig:
     c.data.max_tokens, c.data.required_batch_size_multiple = 400_000, 1
     c.optim.lr = 5e-3
     t = c.train
-    t.max_steps, t.update_freq, t.precision = 600, 1, "fp32"
+    t.max_steps, t.update_freq, t.precision, t.reference_batch = 600, 1, "fp32", 0
     t.log_interval, t.valid_interval, t.save_interval = 50, 200, 200
     return c

@@ -117,6 +117,23 @@ class TrainConfig:
     valid_split: str = "valid"
     max_valid_batches: int = 0
     """Cap on validation batches (0: the whole split)."""
+    reference_batch: int = 0
+    """GPUs x update_freq of the published recipe (0: none); a run with another product is warned."""
+
+
+def batch_summary(world_size: int, update_freq: int, max_tokens: int, reference: int = 0) -> tuple[str, str | None]:
+    """fairseq's batch arithmetic: each update sums `update_freq` batches of at most `max_tokens`
+    samples on each of `world_size` ranks. Returns a description and, when the product differs
+    from the recipe's, a warning with the update_freq that restores it."""
+    product = world_size * update_freq
+    hours = product * max_tokens / 16_000 / 3600
+    text = (f"effective batch: {world_size} rank(s) x update_freq {update_freq} x up to {max_tokens:,} samples "
+            f"= up to {hours:.3g} h of audio per update")
+    if reference and product != reference:
+        fix = max(1, -(-reference // world_size))
+        return text, (f"the recipe's batch is {reference} x max_tokens (GPUs x update_freq) but this run has {product}; "
+                      f"--set train.update_freq={fix} restores it on {world_size} rank(s)")
+    return text, None
 
 
 @dataclass

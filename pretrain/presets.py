@@ -25,7 +25,9 @@ def get_preset(name: str) -> RunConfig:
 @preset
 def wav2vec2_base() -> RunConfig:
     """fairseq `wav2vec2_base_librispeech`: 64 GPUs x 1.4M samples, 400k updates, fp16."""
-    return RunConfig()  # the dataclass defaults are this recipe
+    c = RunConfig()  # the dataclass defaults are this recipe
+    c.train.reference_batch = 64
+    return c
 
 
 @preset
@@ -40,7 +42,7 @@ def wav2vec2_large() -> RunConfig:
     m.encoder_layerdrop = 0.2
     c.data.max_tokens, c.data.max_sample_size = 1_200_000, 320_000
     c.optim.lr, c.optim.warmup_updates = 3e-4, 20_000
-    c.train.max_steps = 250_000
+    c.train.max_steps, c.train.reference_batch = 250_000, 128
     return c
 
 
@@ -80,7 +82,7 @@ def wav2vec2_tiny() -> RunConfig:
     c.data.max_tokens, c.data.min_sample_size, c.data.max_sample_size = 160_000, 16_000, 48_000
     c.data.required_batch_size_multiple = 1
     c.optim.lr, c.optim.warmup_updates = 2e-3, 30
-    c.train.max_steps, c.train.precision = 500, "fp32"
+    c.train.max_steps, c.train.precision, c.train.reference_batch = 500, "fp32", 0
     c.train.log_interval, c.train.valid_interval, c.train.save_interval = 50, 250, 250
     c.train.max_valid_batches = 8
     return c
@@ -101,6 +103,7 @@ def data2vec_base() -> RunConfig:
     c.data.required_batch_size_multiple = 1
     c.optim.schedule, c.optim.phase_ratio = "tri_stage", [0.03, 0.9, 0.07]
     c.optim.init_lr_scale = c.optim.final_lr_scale = 0.01
+    c.train.reference_batch = 16
     return c
 
 

@@ -30,13 +30,18 @@ def run(
     init: Callable[[Task], None] | None = None,
     labels: str | None = None,
 ) -> int:
-    """Train `build()` on `data` into `out`; `init(task)` runs only when there is nothing to resume."""
+    """Train `build()` on `data` into `out`; `init(task)` runs only when there is nothing to resume.
+
+    Returns 0 when done, 1 on a training error, `preemption.INTERRUPTED` when stopped by a signal
+    (after saving a checkpoint, and requeueing the SLURM job after a time-limit warning)."""
     from . import distributed
     from .metrics import MetricLogger
+    from .preemption import INTERRUPTED, StopSignals, requeue_after
     from .trainer import Trainer, TrainingError, seed_all, write_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = pick_device(device_name)
+    signals = StopSignals().install()
     info = distributed.init(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
@@ -44,6 +49,7 @@ def run(
         seed_all(cfg.train.seed)  # the same initial weights on every rank and every run
         task = build()
         trainer = Trainer(cfg, task, out, data, device, info, labels=labels)
+        trainer.stop_signals = signals
         resumed = trainer.resume_if_possible()
         if not resumed and init is not None:
             init(task)
@@ -58,6 +64,11 @@ def run(
         return 1
     finally:
         distributed.shutdown()
+        signals.uninstall()
+    if trainer.interrupted:
+        if info.is_main:
+            print(f"step {trainer.step}: {requeue_after(signals)}", flush=True)
+        return INTERRUPTED
     if info.is_main:
         summary = {"step": trainer.step, "run_dir": str(out), **{k: round(v, 4) for k, v in final.items()}}
         if trainer.best_valid != float("inf"):

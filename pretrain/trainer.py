@@ -19,7 +19,7 @@ from data_prep.loader import AudioLoader, LoaderConfig
 from data_prep.sources import open_source, read_labels
 
 from . import checkpoint as ckpt
-from .config import RunConfig, dumps
+from .config import RunConfig, batch_summary, dumps
 from .distributed import DistInfo, all_reduce_sum
 from .flops import peak_flops
 from .metrics import MetricLogger
@@ -98,6 +98,14 @@ class Trainer:
         self.step = 0
         self.best_valid = math.inf
         self.bad_steps = 0
+        self.stop_signals = None  # a `preemption.StopSignals`, polled between updates
+        self.interrupted = False
+        text, warning = batch_summary(self.dist.world_size, t.update_freq, cfg.data.max_tokens, t.reference_batch)
+        if self.dist.is_main:
+            print(text, flush=True)
+            if warning:
+                log.warning(warning)
+                print(f"WARNING: {warning}", flush=True)
 
     def _loader(self, data_dir, split, cfg: LoaderConfig, labels, seed, packed=None) -> AudioLoader:
         source = open_source(data_dir, split, packed=packed)
@@ -323,7 +331,17 @@ class Trainer:
             elif self.step % t.save_interval == 0:
                 self.save()
                 started = time.perf_counter()
+            if self._stop_requested():
+                self.interrupted = True
+                break
         return last_metrics
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got a stop signal, so all stop at the same update."""
+        local = self.stop_signals is not None and self.stop_signals.received is not None
+        if not self.ddp:
+            return local
+        return bool(all_reduce_sum(torch.tensor([float(local)], device=self.device)).item() > 0)
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:

@@ -71,3 +71,25 @@ def pretrained_run(prepared, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("w2v") / "run"
     run_ok(pretrain_cmd("wav2vec2_tiny", prepared, out, "--max-steps", "20", "--set", "train.valid_interval=1000"))
     return out
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """A single-node SLURM started for the session (stopped by PID at the end); the environment
+    that points clients at it. Skips where SLURM cannot start, unless REQUIRE_SLURM=1 (CI)."""
+    import os
+    import shutil
+    import tempfile
+
+    import slurm_cluster
+
+    base = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))  # munge needs world-traversable parents
+    try:
+        env = slurm_cluster.start(base)
+    except (slurm_cluster.SlurmUnavailable, subprocess.SubprocessError, OSError) as err:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"SLURM is required here but did not start: {err}")
+        pytest.skip(f"no local SLURM: {err}")
+    yield env
+    slurm_cluster.stop(base)
+    shutil.rmtree(base, ignore_errors=True)

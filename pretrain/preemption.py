@@ -1,0 +1,66 @@
+"""Stopping cleanly when the scheduler says so, and requeueing under SLURM.
+
+SLURM warns a job before its time limit or preemption with a signal (`--signal=USR2@90`, as
+submitit submits); `scontrol requeue` and `scancel` send SIGTERM. Either way the trainer finishes
+the update in progress, all ranks agree to stop at the same step, rank 0 saves a checkpoint, and
+after the time-limit warning the job requeues itself, at most `max_requeues` times
+(SLURM_RESTART_COUNT counts them). A job that fails for any other reason is never requeued.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+
+#: environment variable with the requeue budget (set by `python -m slurm`)
+MAX_REQUEUES_ENV = "SPEECH_PRETRAIN_MAX_REQUEUES"
+#: exit status of a run that stopped on a signal after saving its checkpoint
+INTERRUPTED = 3
+
+
+class StopSignals:
+    """Records SIGUSR2 / SIGTERM instead of dying; the trainer polls `received` between updates."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None or signum == signal.SIGUSR2:
+            self.received = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
+
+
+def requeue_after(signals: StopSignals) -> str:
+    """Requeue this SLURM job if it stopped on the time-limit / preemption warning; a message."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if signals.received != signal.SIGUSR2 or not job:
+        return f"stopped by {signals.name}; the checkpoint is saved and the run resumes where it stopped"
+    done = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    budget = int(os.environ.get(MAX_REQUEUES_ENV, "10"))
+    if done >= budget:
+        return (f"stopped by {signals.name} and not requeued: the job was already requeued {done} times "
+                f"(limit {budget}); submit it again to continue from the checkpoint")
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"stopped by {signals.name}; requeueing job {job} failed ({err}); submit it again to continue"
+    return f"stopped by {signals.name}; requeued job {job} (requeue {done + 1} of at most {budget})"
