@@ -27,8 +27,23 @@ import numpy as np
 from .fsutil import atomic_write_text
 from .labels import format_dictionary, letter_counts, to_letters
 from .manifest import read_manifest, write_lines, write_manifest
-from .scan import ChapterTask, Problem, Record, list_chapter_dirs, load_cache, problem_row, save_cache, scan_chapter
-from .shards import balanced_partition, pack_shard, remove_stale_shards, shard_manifest, shard_paths
+from .scan import (
+    ChapterTask,
+    Problem,
+    Record,
+    list_chapter_dirs,
+    load_cache,
+    problem_row,
+    save_cache,
+    scan_chapter,
+)
+from .shards import (
+    balanced_partition,
+    pack_shard,
+    remove_stale_shards,
+    shard_manifest,
+    shard_paths,
+)
 
 SAMPLE_RATE = 16_000
 #: Libri-Light fine-tuning subsets: output split -> directories under `librispeech_finetuning`.

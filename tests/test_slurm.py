@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import metric_rows
 
 pytestmark = pytest.mark.slow
@@ -46,12 +45,6 @@ def reached(run: Path, step: int) -> bool:
     return (run / "metrics.jsonl").exists() and any(s >= step for s, _ in train_losses(run))
 
 
-def release_when_pending(env, job: str) -> None:
-    """A requeued job waits ~2 minutes (BeginTime) before it may start again; start it now."""
-    wait_for(lambda: "PENDING" in sh(env, "squeue", "-h", "-j", job, "-o", "%T"), 60, f"job {job} requeued")
-    sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
-
-
 def finished(env, job: str) -> bool:
     return sh(env, "squeue", "-h", "-j", job).strip() == ""
 
@@ -75,35 +68,41 @@ def test_bad_options_fail_at_submission(slurm_env, prepared, tmp_path):
 
 
 def test_requeued_jobs_resume_exactly(slurm_env, prepared, tmp_path):
-    """An uninterrupted run, a run requeued with `scontrol requeue`, and a run that got the time-limit
-    warning (USR2) and requeued itself: the same 120 updates and the same losses."""
+    """An uninterrupted run; a run requeued with `scontrol requeue`; a run sent the warning signal
+    (USR2, as before a time limit) that requeued itself; a run with a 1-minute time limit that
+    SLURM warns 55 s ahead, again after every requeue: the same 300 updates and the same losses."""
     # logged every update: a log line averages the updates since the previous one, which a resume cuts short
-    args = [*TINY, "--data", str(prepared), "--max-steps", "120", "--set", "train.save_interval=1000",
+    args = [*TINY, "--data", str(prepared), "--max-steps", "300", "--set", "train.save_interval=1000",
             "--set", "train.log_interval=1"]
     reference = tmp_path / "reference"
     subprocess.run([sys.executable, "-m", "pretrain", *args, "--out", str(reference)], check=True,
                    capture_output=True, timeout=600)
     expected = train_losses(reference)
-    assert expected[-1][0] == 120
-    for how in ("scontrol", "usr2"):
+    assert expected[-1][0] == 300
+    for how in ("scontrol", "usr2", "timelimit"):
         run = tmp_path / how
-        proc = slurm_cli(slurm_env, "pretrain", "--gpus-per-node", "0", "--cpus-per-task", "2", "--", *args, "--out", str(run))
+        limits = ["--time", "1", "--signal-delay", "55"] if how == "timelimit" else []
+        proc = slurm_cli(slurm_env, "pretrain", "--gpus-per-node", "0", "--cpus-per-task", "2", *limits, "--",
+                         *args, "--out", str(run))
         assert proc.returncode == 0, proc.stderr
         job = job_id(proc.stdout, "pretrain")
-        wait_for(lambda: reached(run, 30), 300, "step 30")
-        if how == "scontrol":
-            sh(slurm_env, "scontrol", "requeue", job)
-        else:
-            sh(slurm_env, "scancel", "--signal=USR2", job)
-        release_when_pending(slurm_env, job)
-        wait_for(lambda: finished(slurm_env, job), 400, f"job {job} to finish")
+        if how != "timelimit":
+            wait_for(lambda: reached(run, 30), 300, "step 30")
+            sh(slurm_env, "scontrol", "requeue", job) if how == "scontrol" else sh(slurm_env, "scancel", "--signal=USR2", job)
+        deadline = time.time() + 600
+        while not finished(slurm_env, job):  # each requeue waits for its BeginTime: start it now
+            assert time.time() < deadline, f"job {job} did not finish"
+            if "PENDING" in sh(slurm_env, "squeue", "-h", "-j", job, "-o", "%T") and reached(run, 1):
+                sh(slurm_env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+            time.sleep(0.5)
         log = (run / "slurm" / f"{job}_0_log.out").read_text()
         assert "resumed from" in log
-        if how == "usr2":
+        if how != "scontrol":
             assert "stopped by SIGUSR2; requeued job" in log
-        assert "Restarts=1" in sh(slurm_env, "scontrol", "show", "job", job)
+        restarts = int(sh(slurm_env, "scontrol", "show", "job", job).split("Restarts=")[1].split()[0])
+        assert restarts >= 1 and (restarts == 1 or how == "timelimit")
         got = train_losses(run)
-        assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 121))
+        assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 301))
         for (s, a), (_, b) in zip(got, expected):
             assert abs(a - b) <= 1e-5 * abs(b), (how, s, a, b)
 
