@@ -70,7 +70,8 @@ def partitions() -> dict[str, Partition]:
     except (OSError, subprocess.SubprocessError) as err:
         raise ClusterError(f"cannot ask SLURM for its partitions: {err}") from err
     if out.returncode != 0:
-        raise ClusterError(f"sinfo failed: {out.stderr.strip() or out.stdout.strip()}")
+        last = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise ClusterError(f"cannot reach SLURM (sinfo: {last[0]}): run on a cluster login node, or pass --local")
     parts: dict[str, Partition] = {}
     for line in out.stdout.splitlines():
         fields = line.strip().split("|")
