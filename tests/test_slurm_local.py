@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import metric_rows
 
 pytestmark = pytest.mark.slow
