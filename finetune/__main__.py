@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def resolve_config(args) -> tuple[FinetuneConfig, object]:
     pretrained = None
     resume = args.out is not None and ckpt.latest(args.out) is not None
     if resume:
-        saved = FinetuneConfig.from_dict(ckpt.load(ckpt.latest(args.out))["config"])
+        config_path = args.out / "config.json"  # small, unlike the checkpoint
+        saved = FinetuneConfig.from_dict(json.loads(config_path.read_text()) if config_path.exists()
+                                         else ckpt.load(ckpt.latest(args.out))["config"])
         arch, normalize = saved.model, saved.data.normalize
         cfg.ctc.init_from = saved.ctc.init_from
     elif args.init_from is None:
