@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 #: environment variable with the requeue budget (set by `python -m slurm`)
 MAX_REQUEUES_ENV = "SPEECH_PRETRAIN_MAX_REQUEUES"
@@ -47,20 +48,44 @@ class StopSignals:
         return signal.Signals(self.received).name if self.received else ""
 
 
-def requeue_after(signals: StopSignals) -> str:
-    """Requeue this SLURM job if it stopped on the time-limit / preemption warning; a message."""
+def _job_id() -> str | None:
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    if signals.received != signal.SIGUSR2 or not job:
-        return f"stopped by {signals.name}; the checkpoint is saved and the run resumes where it stopped"
+    return job
+
+
+def will_requeue(signals: StopSignals) -> bool:
+    """The same answer on every rank: a SLURM job warned by USR2 with requeues left."""
     done = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     budget = int(os.environ.get(MAX_REQUEUES_ENV, "10"))
-    if done >= budget:
+    return signals.received == signal.SIGUSR2 and _job_id() is not None and done < budget
+
+
+def requeue_after(signals: StopSignals) -> tuple[str, bool]:
+    """Requeue this SLURM job if it stopped on the time-limit / preemption warning (rank 0 only).
+
+    Returns a message and whether the job was requeued."""
+    job = _job_id()
+    if signals.received != signal.SIGUSR2 or not job:
+        return f"stopped by {signals.name}; the checkpoint is saved and the run resumes where it stopped", False
+    done = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    budget = int(os.environ.get(MAX_REQUEUES_ENV, "10"))
+    if not will_requeue(signals):
         return (f"stopped by {signals.name} and not requeued: the job was already requeued {done} times "
-                f"(limit {budget}); submit it again to continue from the checkpoint")
+                f"(limit {budget}); submit it again to continue from the checkpoint"), False
     try:
         subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as err:
-        return f"stopped by {signals.name}; requeueing job {job} failed ({err}); submit it again to continue"
-    return f"stopped by {signals.name}; requeued job {job} (requeue {done + 1} of at most {budget})"
+        return f"stopped by {signals.name}; requeueing job {job} failed ({err}); submit it again to continue", False
+    return f"stopped by {signals.name}; requeued job {job} (requeue {done + 1} of at most {budget})", True
+
+
+def wait_for_requeue(timeout_s: float = 120.0) -> None:
+    """Let SLURM end the job it is requeueing: a task that exits first, with its own status, can
+    race the requeue and leave the job FAILED instead of pending again."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(1.0)

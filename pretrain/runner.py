@@ -36,7 +36,7 @@ def run(
     (after saving a checkpoint, and requeueing the SLURM job after a time-limit warning)."""
     from . import distributed
     from .metrics import MetricLogger
-    from .preemption import INTERRUPTED, StopSignals, requeue_after
+    from .preemption import INTERRUPTED, StopSignals, requeue_after, wait_for_requeue, will_requeue
     from .trainer import Trainer, TrainingError, seed_all, write_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -66,8 +66,12 @@ def run(
         distributed.shutdown()
         signals.uninstall()
     if trainer.interrupted:
+        requeued = will_requeue(signals)
         if info.is_main:
-            print(f"step {trainer.step}: {requeue_after(signals)}", flush=True)
+            message, requeued = requeue_after(signals)
+            print(f"step {trainer.step}: {message}", flush=True)
+        if requeued:
+            wait_for_requeue()  # SLURM stops this process as it requeues the job
         return INTERRUPTED
     if info.is_main:
         summary = {"step": trainer.step, "run_dir": str(out), **{k: round(v, 4) for k, v in final.items()}}

@@ -45,8 +45,18 @@ def reached(run: Path, step: int) -> bool:
     return (run / "metrics.jsonl").exists() and any(s >= step for s, _ in train_losses(run))
 
 
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def job_state(env, job: str) -> str:
+    """SLURM's state of the job ("" if the controller did not answer this time)."""
+    out = sh(env, "scontrol", "show", "job", job)
+    return out.split("JobState=")[1].split()[0] if "JobState=" in out else ""
+
+
 def finished(env, job: str) -> bool:
-    return sh(env, "squeue", "-h", "-j", job).strip() == ""
+    # scontrol, not squeue: a job between its requeue and its next start must not look finished
+    return job_state(env, job) in TERMINAL
 
 
 def test_bad_options_fail_at_submission(slurm_env, prepared, tmp_path):
@@ -92,9 +102,10 @@ def test_requeued_jobs_resume_exactly(slurm_env, prepared, tmp_path):
         deadline = time.time() + 600
         while not finished(slurm_env, job):  # each requeue waits for its BeginTime: start it now
             assert time.time() < deadline, f"job {job} did not finish"
-            if "PENDING" in sh(slurm_env, "squeue", "-h", "-j", job, "-o", "%T") and reached(run, 1):
+            if job_state(slurm_env, job) == "PENDING" and reached(run, 1):
                 sh(slurm_env, "scontrol", "update", f"JobId={job}", "StartTime=now")
             time.sleep(0.5)
+        assert job_state(slurm_env, job) == "COMPLETED"
         log = (run / "slurm" / f"{job}_0_log.out").read_text()
         assert "resumed from" in log
         if how != "scontrol":
