@@ -36,7 +36,13 @@ def run(
     (after saving a checkpoint, and requeueing the SLURM job after a time-limit warning)."""
     from . import distributed
     from .metrics import MetricLogger
-    from .preemption import INTERRUPTED, StopSignals, requeue_after, wait_for_requeue, will_requeue
+    from .preemption import (
+        INTERRUPTED,
+        StopSignals,
+        requeue_after,
+        wait_for_requeue,
+        will_requeue,
+    )
     from .trainer import Trainer, TrainingError, seed_all, write_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

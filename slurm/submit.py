@@ -43,6 +43,9 @@ def make_executor(folder: Path, r: Resources, local: bool, name: str, dependency
                        ("constraint", r.constraint), ("dependency", dependency)):
         if value:
             params[key] = value
+    if dependency:
+        # a stage whose predecessor failed is cancelled, not left pending forever
+        params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     if r.mem_gb:
         params["mem"] = f"{int(r.mem_gb * 1024)}M"
     ex.update_parameters(**params)

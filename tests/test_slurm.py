@@ -191,3 +191,15 @@ def test_prep_job_array_equals_single_prep(slurm_env, toy_corpus, prepared, tmp_
         assert (out / name).read_bytes() == (prepared / name).read_bytes(), name
     for p in (prepared / "shards").iterdir():
         assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_failed_stage_cancels_the_rest_of_the_pipeline(slurm_env, tmp_path):
+    work = tmp_path / "work"
+    proc = slurm_cli(slurm_env, "pipeline", "--gpus-per-node", "0", "--cpus-per-task", "1", "--wait", "--",
+                     "--corpus", str(tmp_path / "no-such-corpus"), "--work", str(work),
+                     "--pretrain-preset", "wav2vec2_tiny", "--finetune-preset", "ctc_tiny", timeout=300)
+    assert proc.returncode == 1
+    assert "prep: job" in proc.stdout and "FAILED" in proc.stdout
+    ids = [job_id(proc.stdout, s) for s in ("pretrain", "finetune", "evaluate")]
+    for jid in ids:  # never left pending on a dependency that cannot be met
+        wait_for(lambda: job_state(slurm_env, jid) == "CANCELLED", 120, f"job {jid} cancelled")
