@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from data_prep.loader import LoaderConfig
-from pretrain.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+from pretrain.config import RunConfig
 
 
 @dataclass
@@ -38,14 +38,8 @@ class FinetuneConfig(RunConfig):
     def from_dict(cls, d: dict) -> "FinetuneConfig":
         if "ctc" not in d:
             raise ValueError("not a fine-tuning configuration (no `ctc` section): this is a pretraining run")
-        return cls(
-            preset=d["preset"],
-            model=ModelConfig(**d["model"]),
-            data=LoaderConfig(**d["data"]),
-            optim=OptimConfig(**d["optim"]),
-            train=TrainConfig(**d["train"]),
-            ctc=CTCConfig(**d["ctc"]),
-        )
+        base = RunConfig.from_dict(d)
+        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(RunConfig)}, ctc=CTCConfig(**d["ctc"]))
 
 
 #: model fields a pretrained source decides; every other model field is the fine-tuning preset's

@@ -7,6 +7,7 @@ spelled as letters followed by the word boundary `|`, and scored by the language
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +115,21 @@ class KenLMDecoder:
         t, v = lprobs.shape
         best = self.decoder.decode(lprobs.data_ptr(), t, v)[0]
         return " ".join(self.word_dict.get_entry(i) for i in best.words if i >= 0)
+
+
+def add_decoder_args(p: argparse.ArgumentParser) -> None:
+    """The decoding options `finetune.evaluate` and `finetune.transcribe` share."""
+    p.add_argument("--lm", type=Path, default=None, help="KenLM word n-gram model (.arpa or binary) for beam search")
+    p.add_argument("--lexicon", type=Path, default=None, help="words the beam search may output (default: the LM's)")
+    p.add_argument("--beam", type=int, default=BeamOptions.beam)
+    p.add_argument("--lm-weight", type=float, default=BeamOptions.lm_weight)
+    p.add_argument("--word-score", type=float, default=BeamOptions.word_score)
+
+
+def build_decoder(dictionary: Dictionary, args: argparse.Namespace) -> tuple[object, str, dict]:
+    """(decoder, its name, its options for reports) from `add_decoder_args` options."""
+    if args.lm is None:
+        return GreedyDecoder(dictionary), "greedy", {}
+    opts = BeamOptions(beam=args.beam, lm_weight=args.lm_weight, word_score=args.word_score)
+    options = {"lm": str(Path(args.lm).resolve()), **vars(opts), "unk_score": str(opts.unk_score)}
+    return KenLMDecoder(dictionary, args.lm, args.lexicon, opts), "kenlm", options

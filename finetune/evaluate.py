@@ -19,7 +19,7 @@ from data_prep.labels import letters_to_words
 from data_prep.manifest import read_lines
 from data_prep.sources import ManifestSource
 
-from .decoder import BeamOptions, GreedyDecoder, KenLMDecoder
+from .decoder import add_decoder_args, build_decoder
 from .inference import emissions, load_ctc
 from .wer import ErrorCounts
 
@@ -76,11 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
     p.add_argument("--data", type=Path, required=True, help="directory written by `python -m data_prep`")
     p.add_argument("--splits", default=DEFAULT_SPLITS, help=f"comma-separated (default: {DEFAULT_SPLITS})")
-    p.add_argument("--lm", type=Path, default=None, help="KenLM word n-gram model (.arpa or binary)")
-    p.add_argument("--lexicon", type=Path, default=None, help="words the beam search may output (default: the LM's)")
-    p.add_argument("--beam", type=int, default=BeamOptions.beam)
-    p.add_argument("--lm-weight", type=float, default=BeamOptions.lm_weight)
-    p.add_argument("--word-score", type=float, default=BeamOptions.word_score)
+    add_decoder_args(p)
     p.add_argument("--max-utterances", type=int, default=None, help="per split (a quick look)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: RUN/eval/<checkpoint>-<decoder>.json)")
     p.add_argument("--device", default=None)
@@ -93,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = [s for s in args.splits.split(",") if s]
     try:
         cfg, model, dictionary, where = load_ctc(args.checkpoint, device)
-        if args.lm is None:
-            decode, decoder_name, options = GreedyDecoder(dictionary), "greedy", {}
-        else:
-            opts = BeamOptions(beam=args.beam, lm_weight=args.lm_weight, word_score=args.word_score)
-            decode, decoder_name = KenLMDecoder(dictionary, args.lm, args.lexicon, opts), "kenlm"
-            options = {"lm": str(args.lm.resolve()), **vars(opts)}
-            options["unk_score"] = str(opts.unk_score)
+        decode, decoder_name, options = build_decoder(dictionary, args)
         results = {s: evaluate_split(model, cfg, decode, args.data, s, args.max_utterances) for s in splits}
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,7 +19,8 @@ from pretrain.trainer import TrainingError
 from pretrain.wav2vec2_task import draw_masks
 
 from .config import FinetuneConfig
-from .dictionary import BLANK, Dictionary, ctc_collapse
+from .decoder import GreedyDecoder
+from .dictionary import BLANK, Dictionary
 from .model import CTCModel
 from .wer import ErrorCounts
 
@@ -38,8 +39,8 @@ def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[list[int
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor, dictionary: Dictionary) -> list[str]:
     """Best path: argmax per frame, merge repeats, drop blanks, letters -> words."""
-    best = logits.argmax(-1).cpu()
-    return [dictionary.decode(ctc_collapse(best[i, : int(n)])) for i, n in enumerate(lengths.cpu())]
+    decode = GreedyDecoder(dictionary)
+    return [decode(logits[i, : int(n)]) for i, n in enumerate(lengths.cpu())]
 
 
 class CTCTask(Task):

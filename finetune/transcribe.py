@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from data_prep.audio import AudioError, read_audio
 
-from .decoder import BeamOptions, GreedyDecoder, KenLMDecoder
+from .decoder import add_decoder_args, build_decoder
 from .inference import emissions, load_ctc
 
 
@@ -24,21 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
     p.add_argument("audio", nargs="+", help="audio files")
-    p.add_argument("--lm", type=Path, default=None, help="KenLM word n-gram model for beam search")
-    p.add_argument("--lexicon", type=Path, default=None)
-    p.add_argument("--beam", type=int, default=BeamOptions.beam)
-    p.add_argument("--lm-weight", type=float, default=BeamOptions.lm_weight)
-    p.add_argument("--word-score", type=float, default=BeamOptions.word_score)
+    add_decoder_args(p)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         cfg, model, dictionary, _ = load_ctc(args.checkpoint, device)
-        if args.lm is None:
-            decode = GreedyDecoder(dictionary)
-        else:
-            opts = BeamOptions(beam=args.beam, lm_weight=args.lm_weight, word_score=args.word_score)
-            decode = KenLMDecoder(dictionary, args.lm, args.lexicon, opts)
+        decode, _, _ = build_decoder(dictionary, args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

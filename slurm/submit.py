@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,8 +110,6 @@ def job_state(submitted: Submitted) -> str:
             return "FAILED"
     if type(job).__name__.startswith("Local"):
         return "RUNNING" if not job.done() else "ENDED"
-    import subprocess
-
     out = subprocess.run(["squeue", "-h", "-j", submitted.job_id, "-o", "%T"], capture_output=True, text=True)
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "ENDED"
 

@@ -10,20 +10,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_single_and_ddp(common: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The same run as one process with update_freq 2 (`one`) and as two gloo ranks (`two`)."""
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env=env)
+    (tmp_path / "ddp.log").write_text(ddp.stderr)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return tmp_path / "one", tmp_path / "two"
+
+
 @pytest.mark.slow
 def test_two_rank_ddp_matches_update_freq_two(prepared, tmp_path):
     common = ["-m", "pretrain", "--preset", "wav2vec2_tiny", "--data", str(prepared), "--max-steps", "6",
               "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu",
               "--set", "model.encoder_layerdrop=0.0"]
-    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    (tmp_path / "ddp.log").write_text(ddp.stderr)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_single_and_ddp(common, tmp_path)
 
     def losses(run):
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -44,14 +50,7 @@ def test_data2vec_teachers_stay_identical_under_ddp(prepared, tmp_path):
 
     common = ["-m", "pretrain", "--preset", "data2vec_tiny", "--data", str(prepared), "--max-steps", "4",
               "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_single_and_ddp(common, tmp_path)
     a, b = ckpt.load(tmp_path / "one"), ckpt.load(tmp_path / "two")
     for k, v in a["task"]["teacher"].items():
         assert torch.allclose(v, b["task"]["teacher"][k], rtol=1e-4, atol=1e-6), k
@@ -73,14 +72,7 @@ def test_ctc_fine_tuning_under_ddp_matches_update_freq_two(pretrained_run, prepa
     common = ["-m", "finetune", "--preset", "ctc_tiny", "--init-from", str(pretrained_run), "--data", str(prepared),
               "--max-steps", "4", "--train-split", "train", "--set", "ctc.freeze_finetune_updates=2", "--set", "train.log_interval=1",
               "--set", "train.valid_interval=4", "--set", "train.max_valid_batches=4", "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one"), "--set", "train.update_freq=2"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, cwd=ROOT,
-                         timeout=600, env=env)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    run_single_and_ddp(common, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["split"], r["step"]) for r in rows] == [(r["split"], r["step"]) for r in ref]
