@@ -24,11 +24,29 @@ INTERRUPTED = 3
 class StopSignals:
     """Records SIGUSR2 / SIGTERM instead of dying; the trainer polls `received` between updates."""
 
+    _process: StopSignals | None = None  # the one installed for this process, see `for_process`
+
+    @classmethod
+    def for_process(cls) -> StopSignals:
+        """This process's handler, installed at first use. A SLURM training job installs it before
+        its slow imports, so a warning that comes during start-up stops the run at its first update
+        (with a checkpoint and our requeue) instead of reaching submitit's handler."""
+        if cls._process is None:
+            cls._process = cls().install()
+        return cls._process
+
+    @classmethod
+    def release(cls) -> None:
+        """Restore the handlers from before `for_process` and forget what was received."""
+        if cls._process is not None:
+            cls._process.uninstall()
+            cls._process = None
+
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGUSR2, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -47,7 +47,7 @@ def run(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = pick_device(device_name)
-    signals = StopSignals().install()
+    signals = StopSignals.for_process()
     info = distributed.init(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
@@ -70,7 +70,7 @@ def run(
         return 1
     finally:
         distributed.shutdown()
-        signals.uninstall()
+        StopSignals.release()
     if trainer.interrupted:
         requeued = will_requeue(signals)
         if info.is_main:

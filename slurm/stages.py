@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.preemption import INTERRUPTED, MAX_REQUEUES_ENV
+from pretrain.preemption import INTERRUPTED, MAX_REQUEUES_ENV, StopSignals
 
 #: stage -> (module with main(argv), argv prefix)
 ENTRY_POINTS = {
@@ -22,6 +22,9 @@ ENTRY_POINTS = {
     "finetune": ("finetune.__main__", []),
     "evaluate": ("finetune.evaluate", []),
 }
+
+#: stages whose trainer polls for stop signals (prep and evaluate keep submitit's handlers)
+TRAINING_STAGES = ("pretrain", "finetune")
 
 
 class StageFailed(RuntimeError):
@@ -42,6 +45,8 @@ class StageJob:
     def __call__(self, *extra_argv: str) -> int:
         os.environ[MAX_REQUEUES_ENV] = str(self.max_requeues)
         os.environ.update(self.env)
+        if self.stage in TRAINING_STAGES:
+            StopSignals.for_process()  # before the imports: the trainer sees a signal that comes now
         module, prefix = ENTRY_POINTS[self.stage]
         code = importlib.import_module(module).main([*prefix, *self.argv, *extra_argv])
         if code == INTERRUPTED:

@@ -77,10 +77,25 @@ def test_bad_options_fail_at_submission(slurm_env, prepared, tmp_path):
     assert sh(slurm_env, "squeue", "-h").strip() == ""
 
 
+def run_until_completed(env, job: str, run: Path) -> str:
+    """Wait for the job to complete, starting each requeued run at once; returns its log."""
+    deadline = time.time() + 600
+    while not finished(env, job):  # each requeue waits for its BeginTime: start it now
+        assert time.time() < deadline, f"job {job} did not finish"
+        if job_state(env, job) == "PENDING" and reached(run, 1):
+            sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
+        time.sleep(0.5)
+    assert job_state(env, job) == "COMPLETED"
+    return (run / "slurm" / f"{job}_0_log.out").read_text()
+
+
+def restarts(env, job: str) -> int:
+    return int(sh(env, "scontrol", "show", "job", job).split("Restarts=")[1].split()[0])
+
+
 def test_requeued_jobs_resume_exactly(slurm_env, prepared, tmp_path):
     """An uninterrupted run; a run requeued with `scontrol requeue`; a run sent the warning signal
-    (USR2, as before a time limit) that requeued itself; a run with a 1-minute time limit that
-    SLURM warns 55 s ahead, again after every requeue: the same 300 updates and the same losses."""
+    (USR2, as before a time limit) that requeued itself: the same 300 updates and the same losses."""
     # logged every update: a log line averages the updates since the previous one, which a resume cuts short
     args = [*TINY, "--data", str(prepared), "--max-steps", "300", "--set", "train.save_interval=1000",
             "--set", "train.log_interval=1"]
@@ -89,33 +104,46 @@ def test_requeued_jobs_resume_exactly(slurm_env, prepared, tmp_path):
                    capture_output=True, timeout=600)
     expected = train_losses(reference)
     assert expected[-1][0] == 300
-    for how in ("scontrol", "usr2", "timelimit"):
+    for how in ("scontrol", "usr2"):
         run = tmp_path / how
-        limits = ["--time", "1", "--signal-delay", "55"] if how == "timelimit" else []
-        proc = slurm_cli(slurm_env, "pretrain", "--gpus-per-node", "0", "--cpus-per-task", "2", *limits, "--",
+        proc = slurm_cli(slurm_env, "pretrain", "--gpus-per-node", "0", "--cpus-per-task", "2", "--",
                          *args, "--out", str(run))
         assert proc.returncode == 0, proc.stderr
         job = job_id(proc.stdout, "pretrain")
-        if how != "timelimit":
-            wait_for(lambda: reached(run, 30), 300, "step 30")
-            sh(slurm_env, "scontrol", "requeue", job) if how == "scontrol" else sh(slurm_env, "scancel", "--signal=USR2", job)
-        deadline = time.time() + 600
-        while not finished(slurm_env, job):  # each requeue waits for its BeginTime: start it now
-            assert time.time() < deadline, f"job {job} did not finish"
-            if job_state(slurm_env, job) == "PENDING" and reached(run, 1):
-                sh(slurm_env, "scontrol", "update", f"JobId={job}", "StartTime=now")
-            time.sleep(0.5)
-        assert job_state(slurm_env, job) == "COMPLETED"
-        log = (run / "slurm" / f"{job}_0_log.out").read_text()
+        wait_for(lambda: reached(run, 30), 300, "step 30")
+        sh(slurm_env, "scontrol", "requeue", job) if how == "scontrol" else sh(slurm_env, "scancel", "--signal=USR2", job)
+        log = run_until_completed(slurm_env, job, run)
         assert "resumed from" in log
-        if how != "scontrol":
+        if how == "usr2":
             assert "stopped by SIGUSR2; requeued job" in log
-        restarts = int(sh(slurm_env, "scontrol", "show", "job", job).split("Restarts=")[1].split()[0])
-        assert restarts >= 1 and (restarts == 1 or how == "timelimit")
+        assert restarts(slurm_env, job) == 1
         got = train_losses(run)
         assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 301))
         for (s, a), (_, b) in zip(got, expected):
             assert abs(a - b) <= 1e-5 * abs(b), (how, s, a, b)
+
+
+def test_time_limit_warning_requeues_until_done(slurm_env, prepared, tmp_path):
+    """A 1-minute time limit that SLURM warns of 55 s ahead, for a run that needs longer than that
+    (SLURM sends the warning on its own clock, up to a minute early): every run is warned, saves and
+    requeues itself, the next one resumes, and the 900 updates have the uninterrupted run's losses."""
+    args = [*TINY, "--data", str(prepared), "--max-steps", "900", "--set", "train.save_interval=1000",
+            "--set", "train.log_interval=1"]
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "pretrain", *args, "--out", str(reference)], check=True,
+                   capture_output=True, timeout=600)
+    run = tmp_path / "timelimit"
+    proc = slurm_cli(slurm_env, "pretrain", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "1",
+                     "--signal-delay", "55", "--max-requeues", "50", "--", *args, "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    job = job_id(proc.stdout, "pretrain")
+    log = run_until_completed(slurm_env, job, run)
+    assert "resumed from" in log and "stopped by SIGUSR2; requeued job" in log
+    assert restarts(slurm_env, job) >= 1
+    got, expected = train_losses(run), train_losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 901))
+    for (s, a), (_, b) in zip(got, expected):
+        assert abs(a - b) <= 1e-5 * abs(b), (s, a, b)
 
 
 def test_requeues_are_bounded_and_failures_not_requeued(slurm_env, prepared, tmp_path):

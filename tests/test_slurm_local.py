@@ -18,7 +18,7 @@ def test_local_runs_the_same_job(prepared, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "slurm", "pretrain", "--local", "--gpus-per-node", "0",
                            "--cpus-per-task", "1", "--", "--preset", "wav2vec2_tiny", "--data", str(prepared),
                            "--out", str(out), "--max-steps", "3", "--set", "train.log_interval=1"],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert [r["step"] for r in metric_rows(out)] == [1, 2, 3]
     assert (out / "checkpoints" / "last.pt").exists()
@@ -44,3 +44,27 @@ def test_dry_run_and_argument_errors_need_no_cluster(tmp_path):
     arr = subprocess.run(base + ["pretrain", "--array", "4", "--", "--out", "x"], capture_output=True, text=True,
                          timeout=120, env=env)
     assert arr.returncode == 2 and "--array applies to the prep stage only" in arr.stderr
+
+
+def test_signal_during_job_startup_stops_at_the_first_update(prepared, tmp_path):
+    """A stop signal that comes while a training job is still importing (before the trainer exists)
+    is kept: the run saves after its first update and exits with the interrupted status."""
+    out = tmp_path / "run"
+    args = ["--preset", "wav2vec2_tiny", "--data", str(prepared), "--out", str(out), "--max-steps", "20",
+            "--set", "train.log_interval=1"]
+    code = ("import os, signal, sys\n"
+            "from slurm.stages import StageJob\n"
+            "job = StageJob('pretrain', sys.argv[1:])\n"
+            "signal.signal(signal.SIGUSR2, lambda *a: sys.exit('reached the previous handler'))\n"
+            "import pretrain.preemption as p\n"
+            "real = p.StopSignals.for_process\n"
+            "def early():\n"  # the signal lands right after the job's handler is installed
+            "    s = real(); os.kill(os.getpid(), signal.SIGUSR2); return s\n"
+            "p.StopSignals.for_process = early\n"
+            "job()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "step 1: stopped by SIGUSR2; the checkpoint is saved" in proc.stdout
+    assert [r["step"] for r in metric_rows(out)] == [1]
+    assert (out / "checkpoints" / "last.pt").exists()
