@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .hf_interop import QKV_KEY
 
 _RENAMES = [
     (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", "encoder_frontend.feature_extractor.layers.{0}.conv.{1}"),
@@ -33,7 +34,6 @@ _RENAMES = [
     (r"project_q\.(weight|bias)", "final_target_proj.{0}"),
     (r"final_proj\.(weight|bias)", "final_proj.{0}"),
 ]
-_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)")
 _NORM = re.compile(r"feature_extractor\.conv_layers\.(\d+)\.norm\.(weight|bias)")
 
 
@@ -44,7 +44,7 @@ def to_fairseq2(state: dict[str, torch.Tensor], cfg: ModelConfig, num_updates: i
     norm_kind = "layer_norm" if cfg.extractor_mode == "layer_norm" else "group_norm"
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if m := _QKV.fullmatch(key):
+        if m := QKV_KEY.fullmatch(key):
             layer, kind = m.groups()
             for name, part in zip("qkv", value.chunk(3, dim=0)):
                 out[f"encoder.layers.{layer}.self_attn.{name}_proj.{kind}"] = part.clone()

@@ -29,7 +29,8 @@ _RENAMES = [
     (r"final_proj\.(weight|bias)", "project_hid.{0}"),
     (r"project_q\.(weight|bias)", "project_q.{0}"),
 ]
-_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)")
+#: our fused attention projection, split into q/k/v by every export
+QKV_KEY = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)")
 _HF_QKV = re.compile(r"(?:.*\.)?encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
 
 
@@ -42,7 +43,7 @@ def to_hf(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
         out[f"{prefix}feature_projection.projection.weight"] = torch.eye(dim)
         out[f"{prefix}feature_projection.projection.bias"] = torch.zeros(dim)
     for key, value in state.items():
-        m = _QKV.fullmatch(key)
+        m = QKV_KEY.fullmatch(key)
         if m:
             layer, kind = m.groups()
             for name, part in zip("qkv", value.chunk(3, dim=0)):
