@@ -30,7 +30,7 @@ def run_one(args) -> dict:
     import numpy as np
     import torch
 
-    from pretrain.hf_interop import hf_config, to_hf
+    from pretrain.interop.hf import hf_config, to_hf
     from pretrain.presets import get_preset
 
     cfg = get_preset("data2vec_large").model
@@ -40,7 +40,7 @@ def run_one(args) -> dict:
     rng = np.random.default_rng(0)
     wav = torch.from_numpy(rng.standard_normal((args.batch, int(args.seconds * 16000))).astype(np.float32))
     if args.impl == "ours_encoder":  # the same work as the transformers side
-        from pretrain.data2vec import Data2VecModel
+        from pretrain.models.data2vec import Data2VecModel
 
         model = Data2VecModel(cfg).to(device).train()
         wav = wav.to(device)
@@ -52,7 +52,7 @@ def run_one(args) -> dict:
     elif args.impl == "hf":
         from transformers import Data2VecAudioConfig, Data2VecAudioModel
 
-        from pretrain.data2vec import Data2VecModel
+        from pretrain.models.data2vec import Data2VecModel
 
         ours = Data2VecModel(cfg)
         model = Data2VecAudioModel(Data2VecAudioConfig(**hf_config(cfg, True)))
@@ -67,7 +67,7 @@ def run_one(args) -> dict:
             model.zero_grad(set_to_none=True)
     else:
         from data_prep.loader import Batch
-        from pretrain.data2vec_task import Data2VecTask
+        from pretrain.objectives.data2vec_task import Data2VecTask
 
         task = Data2VecTask(cfg).to(device)
         model = task.model.train()

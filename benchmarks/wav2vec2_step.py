@@ -28,9 +28,9 @@ def _setup(args):
     import numpy as np
     import torch
 
-    from pretrain.hf_interop import hf_config, to_hf
-    from pretrain.masking import compute_mask_indices, sample_negatives
-    from pretrain.model import Wav2Vec2Model
+    from pretrain.interop.hf import hf_config, to_hf
+    from pretrain.models.wav2vec2 import Wav2Vec2Model
+    from pretrain.objectives.masking import compute_mask_indices, sample_negatives
     from pretrain.presets import get_preset
 
     cfg = get_preset("wav2vec2_base").model
@@ -65,7 +65,7 @@ def run_one(args) -> dict:
         def loss_fn():
             return model(wav, mask_time_indices=mask, sampled_negative_indices=hf_negs).loss
     else:
-        from pretrain.objective import wav2vec2_loss
+        from pretrain.objectives.wav2vec2_loss import wav2vec2_loss
 
         model = ours
 
@@ -139,7 +139,7 @@ def main() -> None:
         "targets": {"speedup_cpu": 1.5, "memory_ratio_below": 1.0},
     }
     if ours["device"] == "cuda":
-        from pretrain.flops import peak_flops, train_flops_per_audio_second
+        from pretrain.models.flops import peak_flops, train_flops_per_audio_second
         from pretrain.presets import get_preset
 
         audio_per_s = args.batch * args.seconds / ours["step_s"]

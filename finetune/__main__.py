@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain import checkpoint as ckpt
 from pretrain.config import apply_overrides, dumps
+from pretrain.training import checkpoint as ckpt
 
 from .config import ARCHITECTURE_FIELDS, FinetuneConfig
 from .presets import PRESETS, get_preset
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         return _fail(str(err))
 
-    from pretrain.runner import run
+    from pretrain.training.runner import run
 
     from .dictionary import Dictionary
     from .task import CTCTask

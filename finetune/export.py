@@ -3,7 +3,7 @@
 `hf` writes a transformers directory that `Wav2Vec2ForCTC` (or `Data2VecAudioForCTC`) and
 `Wav2Vec2Processor` load. The vocabulary keeps our indices, with the first two names swapped as
 transformers' own fairseq converter does: index 0, the CTC blank, is called `<pad>` there.
-`fairseq2` writes a `wav2vec2_asr` checkpoint and an asset card (`pretrain.fairseq2_interop`).
+`fairseq2` writes a `wav2vec2_asr` checkpoint and an asset card (`pretrain.interop.fairseq2`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_prep.fsutil import atomic_write_text
 from pretrain.export import preprocessor_config, save_safetensors
-from pretrain.hf_interop import hf_config, to_hf
+from pretrain.interop.hf import hf_config, to_hf
 
 from .config import FinetuneConfig
 from .dictionary import Dictionary
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             path = export_hf(args.checkpoint, args.out)
             print(f"wrote a transformers CTC model to {path}")
         else:
-            from pretrain.fairseq2_interop import export_fairseq2
+            from pretrain.interop.fairseq2 import export_fairseq2
 
             cfg, model, dictionary, _ = load_ctc(args.checkpoint)
             card = export_fairseq2(model.state_dict(), cfg.model, args.out, args.name or args.out.name,

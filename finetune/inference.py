@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from data_prep.loader import normalize_wave
-from pretrain import checkpoint as ckpt
+from pretrain.training import checkpoint as ckpt
 
 from .config import FinetuneConfig
 from .dictionary import Dictionary

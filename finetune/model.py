@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.model import Wav2Vec2Model
-from pretrain.ops import dropout
+from pretrain.models.ops import dropout
+from pretrain.models.wav2vec2 import Wav2Vec2Model
 
 
 class CTCModel(nn.Module):

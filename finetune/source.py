@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint as ckpt
 from pretrain.build import read_hf_dir
 from pretrain.config import ModelConfig, RunConfig
-from pretrain.hf_interop import from_hf, model_config_from_hf
+from pretrain.interop.hf import from_hf, model_config_from_hf
+from pretrain.training import checkpoint as ckpt
 
 from .model import PRETRAINING_HEADS
 

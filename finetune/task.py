@@ -11,12 +11,10 @@ from torch import nn
 
 from data_prep.labels import letters_to_words
 from data_prep.loader import Batch
-from pretrain.flops import train_flops_per_audio_second
-from pretrain.masking import compute_mask_indices
-from pretrain.objective import LossRecord
-from pretrain.task import Task
-from pretrain.trainer import TrainingError
-from pretrain.wav2vec2_task import draw_masks
+from pretrain.models.flops import train_flops_per_audio_second
+from pretrain.objectives.masking import compute_mask_indices
+from pretrain.objectives.task import LossRecord, Task, TrainingError
+from pretrain.objectives.wav2vec2_task import draw_masks
 
 from .config import FinetuneConfig
 from .decoder import GreedyDecoder

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .config import apply_overrides, dumps
-from .presets import PRESETS, get_preset
+from pretrain.config import apply_overrides, dumps
+from pretrain.presets import PRESETS, get_preset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.seed = args.seed
     hf_weights = None
     if args.init_from is not None:
-        from .build import apply_hf_architecture, read_hf_dir
+        from pretrain.build import apply_hf_architecture, read_hf_dir
 
         try:
             hf, hf_weights = read_hf_dir(args.init_from)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
 
-    from .build import build_task
+    from pretrain.build import build_task
 
     if args.describe:
         with torch.device("meta"):
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data / (cfg.train.train_split + '.tsv')} not found; prepare data with `python -m data_prep`",
               file=sys.stderr)
         return 2
-    from .build import build_task, load_hf_weights
-    from .runner import run
+    from pretrain.build import build_task, load_hf_weights
+    from pretrain.training.runner import run
 
     init = None if hf_weights is None else (lambda task: load_hf_weights(task, hf_weights, args.init_from))
     return run(cfg, args.data, args.out, args.device, lambda: build_task(cfg.model), init)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RunConfig
-from .hf_interop import from_hf, model_config_from_hf
-from .task import Task
+from pretrain.config import ModelConfig, RunConfig
+from pretrain.interop.hf import from_hf, model_config_from_hf
+from pretrain.objectives.task import Task
 
 #: fields a transformers config decides when a run starts from it (the rest stay the preset's)
 _FROM_HF_FIELDS = (
@@ -21,11 +21,11 @@ _FROM_HF_FIELDS = (
 
 def build_task(cfg: ModelConfig) -> Task:
     if cfg.arch == "wav2vec2":
-        from .wav2vec2_task import Wav2Vec2Task
+        from pretrain.objectives.wav2vec2_task import Wav2Vec2Task
 
         return Wav2Vec2Task(cfg)
     if cfg.arch == "data2vec":
-        from .data2vec_task import Data2VecTask
+        from pretrain.objectives.data2vec_task import Data2VecTask
 
         return Data2VecTask(cfg)
     raise ValueError(f"unknown model.arch {cfg.arch!r}; use wav2vec2 or data2vec")

@@ -1,5 +1,5 @@
 """`python -m pretrain.export RUN_OR_CKPT --format hf|fairseq2 --out DIR`: a transformers model directory,
-or a fairseq2 checkpoint with its asset card (`pretrain.fairseq2_interop`).
+or a fairseq2 checkpoint with its asset card (`pretrain.interop.fairseq2`).
 
 wav2vec 2.0 runs export as `Wav2Vec2ForPreTraining` (encoder, quantizer and heads); data2vec runs
 as `Data2VecAudioModel` (the student encoder; transformers has no data2vec pretraining head).
@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from data_prep.fsutil import atomic_write_text
-
-from . import checkpoint as ckpt
-from .config import RunConfig
-from .hf_interop import hf_config, to_hf
+from pretrain.config import RunConfig
+from pretrain.interop.hf import hf_config, to_hf
+from pretrain.training import checkpoint as ckpt
 
 SAMPLE_RATE = 16_000
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_fairseq2_run(checkpoint_path: str | Path, out: Path, name: str) -> Path:
-    from .fairseq2_interop import export_fairseq2
+    from pretrain.interop.fairseq2 import export_fairseq2
 
     state = ckpt.load(checkpoint_path)
     if "ctc" in state.get("config", {}):

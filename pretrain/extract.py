@@ -16,10 +16,9 @@ import torch
 
 from data_prep.loader import normalize_wave
 from data_prep.sources import ManifestSource
-
-from . import checkpoint as ckpt
-from .build import build_task
-from .config import RunConfig
+from pretrain.build import build_task
+from pretrain.config import RunConfig
+from pretrain.training import checkpoint as ckpt
 
 
 def load_encoder(checkpoint_path: str | Path, device: torch.device):

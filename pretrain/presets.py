@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .config import RunConfig
+from pretrain.config import RunConfig
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {}
 

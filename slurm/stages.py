@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.preemption import INTERRUPTED, MAX_REQUEUES_ENV, StopSignals
+from pretrain.training.preemption import INTERRUPTED, MAX_REQUEUES_ENV, StopSignals
 
 #: stage -> (module with main(argv), argv prefix)
 ENTRY_POINTS = {

@@ -35,7 +35,7 @@ def make_executor(folder: Path, r: Resources, local: bool, name: str, dependency
     params = dict(
         job_name=name, time=r.time_min, nodes=r.nodes, ntasks_per_node=r.ntasks_per_node,
         cpus_per_task=r.cpus_per_task, signal_delay_s=r.signal_delay_s,
-        # our own handler checkpoints and requeues (pretrain.preemption); the job must be requeueable
+        # our own handler checkpoints and requeues (pretrain.training.preemption); the job must be requeueable
         additional_parameters={"requeue": True},
     )
     if r.gpus_per_node:

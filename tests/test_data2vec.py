@@ -9,18 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import metric_rows, pretrain_cmd
 import torch
+from conftest import metric_rows, pretrain_cmd
 
 transformers = pytest.importorskip("transformers")
 from transformers import Data2VecAudioConfig, Data2VecAudioModel  # noqa: E402
 
-from pretrain import checkpoint as ckpt  # noqa: E402
 from pretrain.config import apply_overrides  # noqa: E402
-from pretrain.data2vec import Data2VecModel, mean_std, regression_loss, std_stats  # noqa: E402
-from pretrain.ema import EMATeacher, build_targets, ema_decay_at  # noqa: E402
-from pretrain.hf_interop import from_hf, hf_config, to_hf  # noqa: E402
+from pretrain.interop.hf import from_hf, hf_config, to_hf  # noqa: E402
+from pretrain.models.data2vec import Data2VecModel  # noqa: E402
+from pretrain.objectives.data2vec_loss import mean_std, regression_loss, std_stats  # noqa: E402
+from pretrain.objectives.ema import EMATeacher, build_targets, ema_decay_at  # noqa: E402
 from pretrain.presets import get_preset  # noqa: E402
+from pretrain.training import checkpoint as ckpt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -193,9 +194,9 @@ def test_sigkill_resume_reproduces_run_and_teacher(prepared, tmp_path):
 
 def test_collapse_guard_stops_with_advice(prepared, tmp_path):
     from pretrain.build import build_task
-    from pretrain.data2vec_task import CollapseError
-    from pretrain.metrics import MetricLogger
-    from pretrain.trainer import Trainer
+    from pretrain.objectives.data2vec_task import CollapseError
+    from pretrain.training.metrics import MetricLogger
+    from pretrain.training.trainer import Trainer
 
     cfg = apply_overrides(get_preset("data2vec_tiny"), ["model.collapse_check_after=2", "model.min_target_var=50",
                                                          "train.max_steps=10"])

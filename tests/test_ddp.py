@@ -46,7 +46,7 @@ def test_two_rank_ddp_matches_update_freq_two(prepared, tmp_path):
 def test_data2vec_teachers_stay_identical_under_ddp(prepared, tmp_path):
     import torch
 
-    from pretrain import checkpoint as ckpt
+    from pretrain.training import checkpoint as ckpt
 
     common = ["-m", "pretrain", "--preset", "data2vec_tiny", "--data", str(prepared), "--max-steps", "4",
               "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu"]
@@ -67,7 +67,7 @@ def test_ctc_fine_tuning_under_ddp_matches_update_freq_two(pretrained_run, prepa
     gradients, which DDP must accept; losses, WER and final weights match one process."""
     import torch
 
-    from pretrain import checkpoint as ckpt
+    from pretrain.training import checkpoint as ckpt
 
     common = ["-m", "finetune", "--preset", "ctc_tiny", "--init-from", str(pretrained_run), "--data", str(prepared),
               "--max-steps", "4", "--train-split", "train", "--set", "ctc.freeze_finetune_updates=2", "--set", "train.log_interval=1",

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.fairseq2_interop import to_fairseq2
-from pretrain.model import Wav2Vec2Model
+from pretrain.interop.fairseq2 import to_fairseq2
+from pretrain.models.wav2vec2 import Wav2Vec2Model
 from pretrain.presets import get_preset
 
 

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from conftest import finetune_cmd, metric_rows, run_ok
 
-from pretrain import checkpoint as ckpt
+from pretrain.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import torch
 from conftest import pretrain_cmd
 from test_finetune_run import finetune_cmd, run_ok
 
-from pretrain import checkpoint as ckpt
+from pretrain.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

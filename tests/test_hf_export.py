@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForPreTraining, Wav2Vec2Model  # noqa: E402
 
 from data_prep.sources import ManifestSource  # noqa: E402
-from pretrain import checkpoint as ckpt  # noqa: E402
+from pretrain.training import checkpoint as ckpt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")

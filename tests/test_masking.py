@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pretrain.masking import compute_mask_indices, sample_negatives
+from pretrain.objectives.masking import compute_mask_indices, sample_negatives
 
 
 def test_masks_have_equal_counts_and_respect_bounds():

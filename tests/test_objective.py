@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from pretrain.model import GradMultiply, Wav2Vec2Model, contrastive_logits
-from pretrain.objective import contrastive_accuracy, contrastive_loss, diversity_loss, wav2vec2_loss
+from pretrain.models.quantizer import gumbel_temperature
+from pretrain.models.wav2vec2 import GradMultiply, Wav2Vec2Model, contrastive_logits
+from pretrain.objectives.wav2vec2_loss import contrastive_accuracy, contrastive_loss, diversity_loss, wav2vec2_loss
 from pretrain.presets import get_preset
-from pretrain.quantizer import gumbel_temperature
 
 
 def test_contrastive_logits_and_identical_negatives():

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from pretrain.conv_matmul import conv1d_phases
-from pretrain.ops import _keep_mask, attention, dropout
+from pretrain.models.conv_matmul import conv1d_phases
+from pretrain.models.ops import _keep_mask, attention, dropout
 
 
 def test_phase_convolution_equals_conv1d():

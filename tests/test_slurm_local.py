@@ -56,7 +56,7 @@ def test_signal_during_job_startup_stops_at_the_first_update(prepared, tmp_path)
             "from slurm.stages import StageJob\n"
             "job = StageJob('pretrain', sys.argv[1:])\n"
             "signal.signal(signal.SIGUSR2, lambda *a: sys.exit('reached the previous handler'))\n"
-            "import pretrain.preemption as p\n"
+            "import pretrain.training.preemption as p\n"
             "real = p.StopSignals.for_process\n"
             "def early():\n"  # the signal lands right after the job's handler is installed
             "    s = real(); os.kill(os.getpid(), signal.SIGUSR2); return s\n"

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from pretrain import checkpoint as ckpt
 from pretrain.config import OptimConfig, apply_overrides
 from pretrain.presets import PRESETS, get_preset
-from pretrain.schedule import lr_at, polynomial_decay, tri_stage
+from pretrain.training import checkpoint as ckpt
+from pretrain.training.schedule import lr_at, polynomial_decay, tri_stage
 
 
 def test_polynomial_decay_matches_fairseq():
@@ -76,8 +76,8 @@ def test_corrupt_checkpoint_error_names_the_file(tmp_path):
 
 def test_nonfinite_updates_are_skipped_then_stop_with_advice(prepared, tmp_path):
     from pretrain.build import build_task
-    from pretrain.metrics import MetricLogger
-    from pretrain.trainer import Trainer, TrainingError
+    from pretrain.training.metrics import MetricLogger
+    from pretrain.training.trainer import Trainer, TrainingError
 
     cfg = apply_overrides(get_preset("wav2vec2_tiny"), ["train.max_bad_steps=3", "train.max_steps=5"])
     task = build_task(cfg.model)

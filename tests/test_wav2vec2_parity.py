@@ -7,10 +7,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining  # noqa: E402
 
-from pretrain.hf_interop import hf_config, to_hf  # noqa: E402
-from pretrain.masking import compute_mask_indices, sample_negatives  # noqa: E402
-from pretrain.model import Wav2Vec2Model  # noqa: E402
-from pretrain.objective import contrastive_loss, diversity_loss, wav2vec2_loss  # noqa: E402
+from pretrain.interop.hf import hf_config, to_hf  # noqa: E402
+from pretrain.models.wav2vec2 import Wav2Vec2Model  # noqa: E402
+from pretrain.objectives.masking import compute_mask_indices, sample_negatives  # noqa: E402
+from pretrain.objectives.wav2vec2_loss import contrastive_loss, diversity_loss, wav2vec2_loss  # noqa: E402
 from pretrain.presets import get_preset  # noqa: E402
 
 RTOL = 1e-5
@@ -123,7 +123,7 @@ def test_base_preset_has_the_reference_parameter_count():
 
 @pytest.mark.parametrize("mode", ["default", "layer_norm"])
 def test_cpu_matmul_convolutions_equal_the_standard_path(mode):
-    from pretrain.feature_extractor import FeatureExtractor
+    from pretrain.models.feature_extractor import FeatureExtractor
 
     layers = [(32, 10, 5), (32, 3, 2), (32, 3, 2), (32, 2, 2)]
     fe = FeatureExtractor(layers, mode, bias=mode == "layer_norm").double()

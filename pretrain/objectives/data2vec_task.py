@@ -7,16 +7,14 @@ import torch
 from torch import nn
 
 from data_prep.loader import Batch
-
-from .config import ModelConfig
-from .data2vec import Data2VecModel, default_scale, mean_std, regression_loss, std_stats
-from .distributed import all_reduce_sum
-from .ema import EMATeacher, ema_decay_at
-from .flops import train_flops_per_audio_second
-from .objective import LossRecord
-from .task import Task
-from .trainer import TrainingError
-from .wav2vec2_task import draw_masks
+from pretrain.config import ModelConfig
+from pretrain.distributed import all_reduce_sum
+from pretrain.models.data2vec import Data2VecModel
+from pretrain.models.flops import train_flops_per_audio_second
+from pretrain.objectives.data2vec_loss import default_scale, mean_std, regression_loss, std_stats
+from pretrain.objectives.ema import EMATeacher, ema_decay_at
+from pretrain.objectives.task import LossRecord, Task, TrainingError
+from pretrain.objectives.wav2vec2_task import draw_masks
 
 
 class CollapseError(TrainingError):

@@ -1,7 +1,7 @@
 """Transformer encoder of wav2vec 2.0 / data2vec (fairseq `TransformerEncoder`).
 
 Attention runs through `scaled_dot_product_attention` (flash / memory-efficient kernels where
-available; see `pretrain.ops` for CPUs) with one fused input projection. Each layer also returns its FFN output before
+available; see `pretrain.models.ops` for CPUs) with one fused input projection. Each layer also returns its FFN output before
 dropout and residual: data2vec builds its targets from those.
 """
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention, dropout
-from .position import make_positional_conv
+from pretrain.models.ops import attention, dropout
+from pretrain.models.position import make_positional_conv
 
 
 def init_bert_params(module: nn.Module) -> None:

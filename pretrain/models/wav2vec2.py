@@ -1,6 +1,6 @@
 """wav2vec 2.0 (fairseq `Wav2Vec2Model`): conv features -> masked transformer -> contrastive logits.
 
-The model returns tensors; the loss is computed by `pretrain.objective`.
+The model returns tensors; the loss is computed by `pretrain.objectives.wav2vec2_loss`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .encoder import TransformerEncoder
-from .feature_extractor import FeatureExtractor
-from .ops import dropout
-from .quantizer import GumbelQuantizer, QuantizerOutput
+from pretrain.config import ModelConfig
+from pretrain.models.encoder import TransformerEncoder
+from pretrain.models.feature_extractor import FeatureExtractor
+from pretrain.models.ops import dropout
+from pretrain.models.quantizer import GumbelQuantizer, QuantizerOutput
 
 
 class GradMultiply(torch.autograd.Function):
@@ -69,7 +69,10 @@ class Wav2Vec2Model(nn.Module):
         conv_dim = cfg.conv_feature_layers[-1][0]
         dim = cfg.encoder_embed_dim
         self.layer_norm = nn.LayerNorm(conv_dim)
-        self.post_extract_proj = nn.Linear(conv_dim, dim) if conv_dim != dim else None
+        # fairseq's wav2vec 2.0 skips the projection when the widths agree; Data2VecAudioModel always has it
+        needs_proj = conv_dim != dim or cfg.arch == "data2vec"
+        self.post_extract_proj = nn.Linear(conv_dim, dim) if needs_proj else None
+        self._register_load_state_dict_pre_hook(_identity_projection_if_absent, with_module=True)
         self.mask_emb = nn.Parameter(torch.empty(dim).uniform_())
         self.encoder = TransformerEncoder(
             dim, cfg.encoder_ffn_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads,
@@ -126,7 +129,7 @@ class Wav2Vec2Model(nn.Module):
         layer_drop_draws: torch.Tensor | None = None,
     ) -> Wav2Vec2Output:
         """mask_indices: (B, T) bool with the same count per row; negatives: (B, M, K) indices
-        into each row's masked frames (see `pretrain.masking`). Without them, only the encoder runs."""
+        into each row's masked frames (see `pretrain.objectives.masking`). Without them, only the encoder runs."""
         front = self.frontend(source, padding_mask)
         x = self.apply_mask(front.features, mask_indices)
         x, _ = self.encoder(x, front.padding_mask, layer_drop_draws)
@@ -181,3 +184,15 @@ def _identical_rows(targets: torch.Tensor, negatives: torch.Tensor) -> torch.Ten
     if len(cand):
         same[cand] = (flat[rows[cand]] == flat[own[cand]]).all(-1)
     return same.view(b, m, k)
+
+
+def _identity_projection_if_absent(module: Wav2Vec2Model, state: dict, prefix: str, *args) -> None:
+    """A state dict saved without `post_extract_proj` (equal widths: older data2vec checkpoints, or a
+    transformers identity projection that the import dropped) loads as the identity, which is
+    exactly the function it computed."""
+    proj = module.post_extract_proj
+    if proj is None or f"{prefix}post_extract_proj.weight" in state or f"{prefix}layer_norm.weight" not in state:
+        return
+    if proj.in_features == proj.out_features:
+        state[f"{prefix}post_extract_proj.weight"] = torch.eye(proj.in_features)
+        state[f"{prefix}post_extract_proj.bias"] = torch.zeros(proj.out_features)

@@ -17,14 +17,13 @@ from torch import nn
 
 from data_prep.loader import AudioLoader, LoaderConfig
 from data_prep.sources import open_source, read_labels
-
-from . import checkpoint as ckpt
-from .config import RunConfig, batch_summary, dumps
-from .distributed import DistInfo, all_reduce_sum
-from .flops import peak_flops
-from .metrics import MetricLogger
-from .schedule import lr_at
-from .task import Task
+from pretrain.config import RunConfig, batch_summary, dumps
+from pretrain.distributed import DistInfo, all_reduce_sum
+from pretrain.models.flops import peak_flops
+from pretrain.objectives.task import Task, TrainingError
+from pretrain.training import checkpoint as ckpt
+from pretrain.training.metrics import MetricLogger
+from pretrain.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
@@ -35,10 +34,6 @@ ARCH_KEYS = (
     "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
     "pos_conv_depth", "latent_vars", "latent_groups", "latent_dim", "final_dim", "head_layers", "vocab_size",
 )
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot continue, with what went wrong and what to try."""
 
 
 def _norm(v):
@@ -136,7 +131,8 @@ class Trainer:
         check_architecture(state["config"]["model"], self.cfg.to_dict()["model"], where)
         self.task.load_extra_state(state.get("task", {}))  # first: it may refuse an incompatible checkpoint
         self.task.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        names = [n for n, p in self.task.model.named_parameters() if p.requires_grad]
+        self.optimizer.load_state_dict(ckpt.align_optimizer_state(state["optimizer"], state["model"].keys(), names))
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["loader"])
         self.step = int(state["step"])

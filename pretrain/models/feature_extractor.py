@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_matmul import conv1d_phases
+from pretrain.models.conv_matmul import conv1d_phases
 
 
 class _ChannelLayerNorm(nn.LayerNorm):

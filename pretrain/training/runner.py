@@ -13,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from .config import RunConfig
-from .task import Task
+from pretrain.config import RunConfig
+from pretrain.objectives.task import Task
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -34,16 +34,16 @@ def run(
 
     Returns 0 when done, 1 on a training error, `preemption.INTERRUPTED` when stopped by a signal
     (after saving a checkpoint, and requeueing the SLURM job after a time-limit warning)."""
-    from . import distributed
-    from .metrics import MetricLogger
-    from .preemption import (
+    from pretrain import distributed
+    from pretrain.training.metrics import MetricLogger
+    from pretrain.training.preemption import (
         INTERRUPTED,
         StopSignals,
         requeue_after,
         wait_for_requeue,
         will_requeue,
     )
-    from .trainer import Trainer, TrainingError, seed_all, write_config
+    from pretrain.training.trainer import Trainer, TrainingError, seed_all, write_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = pick_device(device_name)

@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 from data_prep.loader import Batch
-
-from .config import ModelConfig
-from .flops import train_flops_per_audio_second
-from .masking import compute_mask_indices, sample_negatives
-from .model import Wav2Vec2Model
-from .objective import LossRecord, wav2vec2_loss
-from .task import Task
+from pretrain.config import ModelConfig
+from pretrain.models.flops import train_flops_per_audio_second
+from pretrain.models.wav2vec2 import Wav2Vec2Model
+from pretrain.objectives.masking import compute_mask_indices, sample_negatives
+from pretrain.objectives.task import LossRecord, Task
+from pretrain.objectives.wav2vec2_loss import wav2vec2_loss
 
 
 def draw_masks(model: Wav2Vec2Model, batch: Batch, cfg: ModelConfig, rng: np.random.Generator, device):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from pretrain.config import ModelConfig
 
 SAMPLE_RATE = 16_000
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common training GPUs.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .config import OptimConfig
+from pretrain.config import OptimConfig
 
 
 def polynomial_decay(step: int, warmup: int, total: int, lr: float, end_lr: float, power: float) -> float:

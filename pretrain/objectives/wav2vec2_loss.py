@@ -8,21 +8,12 @@ micro-batches), so gradients are normalised per masked frame.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .model import Wav2Vec2Output
-
-
-@dataclass
-class LossRecord:
-    loss: torch.Tensor
-    """Summed over masked frames (divide by `sample_size`)."""
-    sample_size: int
-    logs: dict[str, float]
-    """Sums (divided by sample_size when logged) and plain values, see `metric_kinds`."""
+from pretrain.models.wav2vec2 import Wav2Vec2Output
+from pretrain.objectives.task import LossRecord
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:

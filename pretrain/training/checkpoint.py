@@ -75,3 +75,20 @@ def load(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+
+
+def align_optimizer_state(opt_state: dict, saved_keys, names: list[str]) -> dict:
+    """An optimizer state saved for a model that lacked some of today's parameters (added since,
+    e.g. data2vec's `post_extract_proj`), renumbered for today's `names`: the parameters it knew
+    keep their moments, the new ones start fresh."""
+    groups = opt_state["param_groups"]
+    known = [n for n in names if n in saved_keys]
+    if len(known) == len(names) or len(groups) != 1 or len(groups[0]["params"]) != len(known):
+        return opt_state
+    old_index = {n: i for i, n in enumerate(known)}
+    state = {
+        new: opt_state["state"][old_index[n]]
+        for new, n in enumerate(names)
+        if n in old_index and old_index[n] in opt_state["state"]
+    }
+    return {"state": state, "param_groups": [dict(groups[0], params=list(range(len(names))))]}

@@ -1,10 +1,12 @@
 """What differs between training stages: the model, the step function and its metrics.
 
-The trainer (`pretrain.trainer`) is the same for wav2vec 2.0, data2vec and CTC fine-tuning; each
+The trainer (`pretrain.training.trainer`) is the same for wav2vec 2.0, data2vec and CTC fine-tuning; each
 stage supplies a `Task`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,7 +14,18 @@ from torch import nn
 
 from data_prep.loader import Batch
 
-from .objective import LossRecord
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue, with what went wrong and what to try."""
+
+
+@dataclass
+class LossRecord:
+    loss: torch.Tensor
+    """Summed over masked frames (divide by `sample_size`)."""
+    sample_size: int
+    logs: dict[str, float]
+    """Sums (divided by sample_size when logged) and plain values, see `metric_kinds`."""
 
 
 class Task:

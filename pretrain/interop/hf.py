@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .config import ModelConfig
+from pretrain.config import ModelConfig
 
 # (our key pattern, HF key template) for keys that map one to one; `{p}` is the HF model prefix.
 _RENAMES = [

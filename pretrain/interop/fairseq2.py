@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .hf_interop import QKV_KEY
+from pretrain.config import ModelConfig
+from pretrain.interop.hf import QKV_KEY
 
 _RENAMES = [
     (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", "encoder_frontend.feature_extractor.layers.{0}.conv.{1}"),
