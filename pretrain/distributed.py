@@ -58,6 +58,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_all: bool = False) -> None:
+    """Destroy the process group; `wait_for_all` (a run that finished normally on every rank) first
+    waits at a barrier, so no rank tears its connections down while another still uses them."""
+    if not dist.is_initialized():
+        return
+    if wait_for_all and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -1,13 +1,16 @@
-"""Running a training stage end to end: devices, distributed set-up, resume, fit, final checkpoint.
+"""Running a training stage end to end: devices, distributed set-up, the run-directory lock
+(`run_lock`), resume, fit, final checkpoint.
 
 Shared by `python -m pretrain` and `python -m finetune`; a stage supplies its task.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,10 +18,25 @@ import torch
 
 from pretrain.config import RunConfig
 from pretrain.objectives.task import Task
+from pretrain.training.run_lock import BUSY, RunDirBusy, RunLock
 
 
 def pick_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@dataclass
+class _Outcome:
+    """What the run's summary needs from the trainer, kept after the trainer is freed."""
+
+    step: int
+    interrupted: bool
+    best_valid: float
+    best_metric: str
+
+    @classmethod
+    def of(cls, trainer) -> "_Outcome":
+        return cls(trainer.step, trainer.interrupted, trainer.best_valid, trainer.task.best_metric)
 
 
 def run(
@@ -32,9 +50,11 @@ def run(
 ) -> int:
     """Train `build()` on `data` into `out`; `init(task)` runs only when there is nothing to resume.
 
-    Returns 0 when done, 1 on a training error, `preemption.INTERRUPTED` when stopped by a signal
-    (after saving a checkpoint, and requeueing the SLURM job after a time-limit warning)."""
+    Returns 0 when done, 1 on a training or checkpoint error, `BUSY` when another process holds
+    `out`, `preemption.INTERRUPTED` when stopped by a signal (after saving a checkpoint, and
+    requeueing the SLURM job after a time-limit warning)."""
     from pretrain import distributed
+    from pretrain.training.checkpoint import CheckpointError
     from pretrain.training.metrics import MetricLogger
     from pretrain.training.preemption import (
         INTERRUPTED,
@@ -51,7 +71,11 @@ def run(
     info = distributed.init(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
+    lock = RunLock(None)
+    trainer = task = None
+    finished = False
     try:
+        lock = RunLock.for_ranks(out, info, device)  # before anything reads or writes the run
         seed_all(cfg.train.seed)  # the same initial weights on every rank and every run
         task = build()
         trainer = Trainer(cfg, task, out, data, device, info, labels=labels)
@@ -63,25 +87,36 @@ def run(
             write_config(out, cfg)
         logger = MetricLogger(out, trainer.step, enabled=info.is_main)
         final = trainer.fit(logger)
-        trainer.save()
+        trainer.save()  # writes only if fit stopped between checkpoints (a stop signal)
         logger.close()
-    except (TrainingError, ValueError, FileNotFoundError) as err:
+        finished = True
+    except RunDirBusy as err:
+        if info.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return BUSY
+    except (TrainingError, ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
-        distributed.shutdown()
+        lock.release()  # before a requeue: the requeued job must find the directory free
+        outcome = _Outcome.of(trainer) if trainer is not None else None
+        # DDP's reducer holds the process group: free it while Python is fully alive, or gloo's
+        # threads die in interpreter shutdown and abort the process (SIGABRT at exit)
+        trainer = task = None
+        gc.collect()
+        distributed.shutdown(wait_for_all=finished)
         StopSignals.release()
-    if trainer.interrupted:
+    if outcome.interrupted:
         requeued = will_requeue(signals)
         if info.is_main:
             message, requeued = requeue_after(signals)
-            print(f"step {trainer.step}: {message}", flush=True)
+            print(f"step {outcome.step}: {message}", flush=True)
         if requeued:
             wait_for_requeue()  # SLURM stops this process as it requeues the job
         return INTERRUPTED
     if info.is_main:
-        summary = {"step": trainer.step, "run_dir": str(out), **{k: round(v, 4) for k, v in final.items()}}
-        if trainer.best_valid != float("inf"):
-            summary[f"best_valid_{task.best_metric}"] = round(trainer.best_valid, 4)
+        summary = {"step": outcome.step, "run_dir": str(out), **{k: round(v, 4) for k, v in final.items()}}
+        if outcome.best_valid != float("inf"):
+            summary[f"best_valid_{outcome.best_metric}"] = round(outcome.best_valid, 4)
         print(json.dumps(summary))
     return 0
