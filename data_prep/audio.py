@@ -15,6 +15,12 @@ import soundfile as sf
 SAMPLE_RATE = 16_000
 _BLOCK = 1 << 18
 _UNKNOWN_FRAMES = 1 << 62  # decode in blocks so a long file never needs two full copies in memory
+#: float WAV subtypes: their samples can be NaN, infinite or far beyond full scale; PCM ones cannot
+FLOAT_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+MAX_PEAK = 2.0
+"""Largest |sample| accepted in float audio (full scale is 1.0). Resampled or mixed audio can overshoot
+a little; 6 dB over full scale means another scale (e.g. int16 values stored as float), and such
+samples would swamp the loss."""
 
 
 class AudioError(Exception):
@@ -47,18 +53,39 @@ class AudioCheck:
         return "; ".join(notes)
 
 
+def check_samples(samples: np.ndarray, offset: int = 0) -> None:
+    """Raise `AudioError` (`non_finite` or `out_of_range`) if float samples cannot be trained on.
+
+    `samples` is (frames,) or (frames, channels); `offset` is the index of its first frame in the file.
+    """
+    bad = ~np.isfinite(samples)
+    if bad.any():
+        frame = int(np.flatnonzero(bad.reshape(len(samples), -1).any(axis=1))[0])
+        value = samples[frame] if samples.ndim == 1 else samples[frame][bad[frame]][0]
+        raise AudioError("non_finite", f"sample {offset + frame} is {value} ({int(bad.sum())} non-finite samples here)")
+    loud = np.abs(samples) > MAX_PEAK
+    if loud.any():
+        frame = int(np.flatnonzero(loud.reshape(len(samples), -1).any(axis=1))[0])
+        peak = float(np.abs(samples).max())
+        raise AudioError(
+            "out_of_range",
+            f"sample {offset + frame} is beyond +-{MAX_PEAK} (peak {peak:.6g}; full scale is 1.0): the samples "
+            "are on another scale, e.g. int16 values stored as float; rescale the file to [-1, 1]",
+        )
+
+
 def check_audio(path: str, decode: bool = True) -> AudioCheck:
     """Raise `AudioError` if `path` is not usable audio; with `decode`, read every sample."""
     try:
         size = os.path.getsize(path)
     except OSError as err:
-        raise AudioError("unreadable", str(err)) from err
+        raise AudioError("unreadable", err.strerror or str(err)) from err
     if size == 0:
         raise AudioError("empty_file", "the file has 0 bytes")
     try:
         info = sf.info(path)
     except Exception as err:  # libsndfile reports every open failure the same way
-        raise AudioError("not_audio", _short(err)) from err
+        raise AudioError("not_audio", describe_error(err, path)) from err
     frames = int(info.frames)
     # libsndfile reports a FLAC header with an unknown (0) sample count as a huge number:
     # only decoding can tell such a file's length.
@@ -67,16 +94,22 @@ def check_audio(path: str, decode: bool = True) -> AudioCheck:
         raise AudioError("zero_length", "the header declares 0 samples")
     if decode or unknown:
         decoded = 0
+        # PCM is counted as int16 (cheapest); float audio is read as float, its values checked
+        is_float = info.subtype in FLOAT_SUBTYPES
         try:
             with sf.SoundFile(path) as f:
-                for block in f.blocks(blocksize=_BLOCK, dtype="int16", always_2d=True):
+                for block in f.blocks(blocksize=_BLOCK, dtype="float32" if is_float else "int16", always_2d=True):
+                    if is_float:
+                        check_samples(block, decoded)
                     decoded += len(block)
+        except AudioError:
+            raise
         except Exception as err:
             if unknown and decoded == 0:
                 raise AudioError("zero_length", "the header declares no sample count and no audio frame decodes") from err
             said = "an unknown number of" if unknown else str(frames)
             raise AudioError(
-                "truncated", f"decoding failed after {decoded} of {said} samples ({_short(err)})"
+                "truncated", f"decoding failed after {decoded} of {said} samples ({describe_error(err, path)})"
             ) from err
         if decoded == 0:
             raise AudioError("zero_length", "the file decodes to 0 samples")
@@ -100,19 +133,45 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def read_audio(path: str) -> np.ndarray:
-    """Read any soundfile-supported file as 16 kHz mono float32 in [-1, 1)."""
+    """Read any soundfile-supported file as 16 kHz mono float32 in [-1, 1).
+
+    Raises `AudioError`; its detail does not repeat `path`, which the caller reports.
+    """
     try:
         samples, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as err:
-        raise AudioError("unreadable", f"{path}: {_short(err)}") from err
+        raise AudioError("unreadable", describe_error(err, path)) from err
+    check_samples(samples)
     return to_mono_16k(samples, rate)
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1) as int16, rounded; anything beyond full scale is clipped."""
+    return np.clip(np.round(np.asarray(samples) * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def read_pcm16(path: str) -> np.ndarray:
+    """A file's samples as int16 (channels kept), as packed shards store them.
+
+    libsndfile hands float files to int16 readers unscaled (0.5 -> 0), so those are read as float
+    and scaled here.
+    """
+    with sf.SoundFile(path) as f:
+        if f.subtype in FLOAT_SUBTYPES:
+            return to_pcm16(f.read(dtype="float32"))
+        return f.read(dtype="int16")
 
 
 def write_flac(path: str, samples: np.ndarray) -> None:
     """Write float samples in [-1, 1) as 16 kHz mono 16-bit FLAC."""
-    pcm = np.clip(np.round(np.asarray(samples) * 32768.0), -32768, 32767).astype(np.int16)
-    sf.write(path, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    sf.write(path, to_pcm16(samples), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
 
 
-def _short(err: Exception) -> str:
-    return " ".join(str(err).split())[:200]
+def describe_error(err: Exception, path: str | None = None) -> str:
+    """`err` on one short line, without libsndfile's "Error opening 'PATH': " (callers name the file)."""
+    text = " ".join(str(err).split())
+    if path is not None:
+        if not os.path.exists(path):
+            return "no such file"
+        text = text.replace(f"Error opening {str(path)!r}: ", "").replace(f"{str(path)!r}", "the file")
+    return text[:200]

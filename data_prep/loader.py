@@ -6,7 +6,9 @@ Semantics follow fairseq's `FileAudioDataset` + `EpochBatchIterator`:
 - batches hold at most `max_tokens` samples (batch size x longest item);
 - pretraining (`pad=False`) crops every item of a batch to its shortest item, fine-tuning
   (`pad=True`) pads to the longest and returns a padding mask;
-- `normalize` standardises each whole utterance (zero mean, unit variance) before cropping.
+- `normalize` standardises each whole utterance (zero mean, unit variance) before cropping;
+- an utterance that cannot be read stops the run with its manifest line and path, or, with
+  `skip_bad_files`, is left out of its batch with a warning (never the batch: DDP ranks stay in step).
 
 Everything random is a function of (seed, epoch, batch id), so the batches do not depend on the
 number of worker processes, and a loader restored from `state_dict()` mid-epoch yields exactly
@@ -23,8 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import DUMMY, batch_by_size, epoch_order, ordered_indices, rank_batches
+from .sources import BadUtteranceError
 
 log = logging.getLogger(__name__)
+_SKIP_HINT = (
+    " To train on without such files, set data.skip_bad_files=true (`--set data.skip_bad_files=true`): "
+    "each is then left out of its batch with a warning."
+)
 
 
 @dataclass
@@ -47,6 +54,19 @@ class LoaderConfig:
     num_workers: int = 0
     """Worker processes that read and collate batches (0: in the training process)."""
     prefetch_factor: int = 4
+    skip_bad_files: bool = False
+    """Leave an unreadable or damaged utterance out of its batch with a warning, instead of stopping."""
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that can build no batch (checked before any data is read)."""
+        if self.max_tokens < self.min_sample_size:
+            one = max(self.min_sample_size, self.max_sample_size or 0)  # room for one cropped utterance
+            raise ValueError(
+                f"data.max_tokens={self.max_tokens} is smaller than data.min_sample_size={self.min_sample_size}: "
+                "every utterance long enough to keep would be too long for any batch. Raise data.max_tokens "
+                f"(--set data.max_tokens={one} fits one utterance of up to data.max_sample_size; fairseq's BASE "
+                "recipe uses 1400000) or lower data.min_sample_size."
+            )
 
 
 @dataclass
@@ -116,8 +136,21 @@ def normalize_wave(w: np.ndarray) -> np.ndarray:
     return ((w - w.mean()) / np.sqrt(w.var() + 1e-5)).astype(np.float32)
 
 
+@dataclass
+class _Loaded:
+    """What reading one batch gives back: the batch, or the error that stopped it, and the skips.
+
+    Errors and skips travel as values: a DataLoader worker would re-raise an error buried in its
+    traceback, and its log lines could be lost.
+    """
+
+    batch: Batch | None
+    skipped: list[str]
+    error: str | None = None
+
+
 class _EpochBatches(Dataset):
-    """Map-style view of one rank's remaining batches of one epoch; item j is a collated Batch."""
+    """Map-style view of one rank's remaining batches of one epoch; item j is a `_Loaded` batch."""
 
     def __init__(self, loader: "AudioLoader", batch_ids: np.ndarray, epoch: int) -> None:
         self.source = loader.source
@@ -132,20 +165,42 @@ class _EpochBatches(Dataset):
     def __len__(self) -> int:
         return len(self.batch_ids)
 
-    def __getitem__(self, j: int) -> Batch:
+    def __getitem__(self, j: int) -> _Loaded:
+        try:
+            return self._load(j)
+        except BadUtteranceError as err:
+            return _Loaded(None, [], str(err))
+
+    def _load(self, j: int) -> _Loaded:
         bid = int(self.batch_ids[j])
         dummy = bid == DUMMY
         if dummy:
             bid = self.fallback
         idx = self.batches[bid]
-        if self.cfg.normalize:
-            waves = [normalize_wave(self.source.read(int(i))) for i in idx]
-        else:
-            waves = [self.source.read_raw(int(i)) for i in idx]
+        waves, kept, skipped = self._read(idx)
+        if kept:
+            idx = idx[kept]
+        else:  # nothing readable: silence with weight zero, so this rank still takes its step
+            waves = [np.zeros(int(self.source.sizes[i]), dtype=np.float32) for i in idx]
+            dummy = True
         rng = np.random.default_rng([self.seed, 2, self.epoch, bid])
         source, mask = collate(waves, self.cfg.pad, self.cfg.max_sample_size, rng)
         labels = None if self.labels is None else [self.labels[int(i)] for i in idx]
-        return Batch(source, mask, torch.from_numpy(idx), labels, is_dummy=dummy)
+        return _Loaded(Batch(source, mask, torch.from_numpy(idx), labels, is_dummy=dummy), skipped)
+
+    def _read(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[int], list[str]]:
+        """The readable utterances of `idx`, their positions in it, and why each other one was skipped."""
+        waves, kept, skipped = [], [], []
+        for pos, i in enumerate(idx.tolist()):
+            try:
+                waves.append(normalize_wave(self.source.read(i)) if self.cfg.normalize else self.source.read_raw(i))
+            except BadUtteranceError as err:
+                if not self.cfg.skip_bad_files:
+                    raise
+                skipped.append(str(err))
+                continue
+            kept.append(pos)
+        return waves, kept, skipped
 
 
 class AudioLoader:
@@ -160,6 +215,7 @@ class AudioLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        cfg.validate()
         self.source, self.cfg, self.seed, self.labels = source, cfg, seed, labels
         self.rank, self.world_size = rank, world_size
         sizes = np.asarray(source.sizes)
@@ -217,9 +273,13 @@ class AudioLoader:
             )
         else:
             it = (view[j] for j in range(len(view)))
-        for batch in it:
+        for loaded in it:
+            if loaded.error is not None:
+                raise BadUtteranceError(loaded.error + _SKIP_HINT)
+            for note in loaded.skipped:
+                log.warning("skipped an utterance (data.skip_bad_files=true): %s", note)
             self.position += 1
-            yield batch
+            yield loaded.batch
         if self.epoch == epoch and self.position >= len(self):
             self.epoch, self.position = epoch + 1, 0
 

@@ -23,9 +23,15 @@ class Manifest:
     root: str
     paths: list[str] = field(default_factory=list)
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    lines: list[int] | None = None
+    """Line number of each utterance in the file it was read from (None: not read from a file)."""
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def line_number(self, i: int) -> int:
+        """Where utterance i is in its manifest file (line 1 is the root)."""
+        return self.lines[i] if self.lines is not None else i + 2
 
     def full_path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
@@ -56,6 +62,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         root = f.readline().rstrip("\n")
         paths: list[str] = []
         sizes: list[int] = []
+        lines: list[int] = []
         for lineno, line in enumerate(f, start=2):
             line = line.rstrip("\n")
             if not line:
@@ -67,7 +74,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
                 )
             paths.append(parts[0])
             sizes.append(int(parts[1]))
-    return Manifest(root=root, paths=paths, sizes=np.asarray(sizes, dtype=np.int64))
+            lines.append(lineno)
+    return Manifest(root=root, paths=paths, sizes=np.asarray(sizes, dtype=np.int64), lines=lines)
 
 
 def write_lines(path: str | os.PathLike, lines: list[str]) -> None:

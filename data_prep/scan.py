@@ -88,11 +88,13 @@ def _check_cached(path: Path, rel: str, task: ChapterTask) -> dict:
     stat = path.stat()
     entry = task.cache.get(rel)
     if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
-        if entry.get("decoded", False) or not task.decode:
+        # caches from before sample values were checked: re-check WAVs, the only files that can hold floats
+        values_known = entry.get("values_checked", False) or path.suffix != ".wav"
+        if (entry.get("decoded", False) and values_known) or not task.decode:
             converted = entry.get("converted")
             if converted is None or os.path.exists(converted):
                 return entry
-    entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "decoded": task.decode}
+    entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "decoded": task.decode, "values_checked": task.decode}
     try:
         check = check_audio(str(path), decode=task.decode)
         entry.update(ok=True, num_samples=check.num_frames, converted=None, note="")

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
+from .audio import read_pcm16
 from .fsutil import atomic_open, atomic_write_text
 from .manifest import Manifest, read_manifest
 
@@ -64,7 +64,7 @@ def pack_shard(manifest_path: Path, pcm_path: Path, offsets_path: Path, meta_pat
     with atomic_open(pcm_path, "wb") as f:
         for i in range(len(manifest)):
             path = manifest.full_path(i)
-            pcm, rate = sf.read(path, dtype="int16")
+            pcm = read_pcm16(path)
             if pcm.ndim != 1 or len(pcm) != manifest.sizes[i]:
                 raise ValueError(
                     f"{path}: {len(pcm)} samples ({pcm.ndim} dims) but the manifest says "

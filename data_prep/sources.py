@@ -13,10 +13,24 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .audio import AudioError, check_samples, describe_error
 from .manifest import Manifest, read_lines, read_manifest, utterance_id
 from .shards import shard_paths
 
 SAMPLE_RATE = 16_000
+_REPREPARE = "re-run `python -m data_prep librispeech` to rebuild the manifests (it converts or leaves out such files)"
+
+
+class BadUtteranceError(ValueError, RuntimeError):
+    """A manifest lists audio that cannot be trained on (vanished, damaged, changed or with bad samples).
+
+    A ValueError, so the training commands report it in one line and exit 1 instead of showing a
+    traceback; also a RuntimeError, which this error was before it had a type of its own.
+    """
+
+    def __init__(self, message: str, path: str = "", line: int = 0) -> None:
+        super().__init__(message)
+        self.path, self.line = path, line
 
 
 class ManifestSource:
@@ -32,20 +46,29 @@ class ManifestSource:
         return len(self.sizes)
 
     def read(self, i: int) -> np.ndarray:
+        """Utterance i as float32; raises `BadUtteranceError` naming the manifest line and the file."""
         path = self.manifest.full_path(i)
+        line = self.manifest.line_number(i)
+        where = f"{path} (line {line} of {self.manifest_path})"
         try:
             samples, rate = sf.read(path, dtype="float32")
         except Exception as err:
-            raise RuntimeError(
-                f"cannot read {path} (line {i + 2} of {self.manifest_path}): {err}. The file changed "
-                "or vanished since data preparation; re-run `python -m data_prep librispeech`."
+            raise BadUtteranceError(
+                f"cannot read {where}: {describe_error(err, path)}. The file changed or vanished since data "
+                f"preparation; {_REPREPARE}.", path, line,
             ) from err
         if rate != SAMPLE_RATE or samples.ndim != 1:
-            raise RuntimeError(
-                f"{path} is {rate} Hz with {1 if samples.ndim == 1 else samples.shape[1]} channels, "
-                f"expected {SAMPLE_RATE} Hz mono; prepare the data with `python -m data_prep librispeech`."
-            )
-        return samples
+            channels = 1 if samples.ndim == 1 else samples.shape[1]
+            problem = f"it is {rate} Hz with {channels} channels, expected {SAMPLE_RATE} Hz mono"
+        elif len(samples) != self.sizes[i]:
+            problem = f"it has {len(samples)} samples but the manifest says {self.sizes[i]} (the file changed)"
+        else:
+            try:
+                check_samples(samples)
+                return samples
+            except AudioError as err:
+                problem = f"{err.reason}: {err.detail}"
+        raise BadUtteranceError(f"cannot use {where}: {problem}; {_REPREPARE}.", path, line)
 
     read_raw = read
 

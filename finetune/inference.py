@@ -8,11 +8,21 @@ import numpy as np
 import torch
 
 from data_prep.loader import normalize_wave
+from pretrain.config import ModelConfig
 from pretrain.training import checkpoint as ckpt
 
 from .config import FinetuneConfig
 from .dictionary import Dictionary
 from .model import CTCModel
+
+
+def samples_for_frames(model: ModelConfig, frames: int) -> int:
+    """The fewest samples from which the conv feature extractor makes `frames` frames
+    (400 for one frame with the wav2vec 2.0 stack, then 320 more per frame)."""
+    n = frames
+    for _, kernel, stride in reversed(model.conv_feature_layers):
+        n = (n - 1) * stride + kernel
+    return n
 
 
 def resolve_for_inference(path: str | Path) -> Path:

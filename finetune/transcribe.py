@@ -1,8 +1,10 @@
 """`python -m finetune.transcribe RUN_OR_CKPT AUDIO...`: one `path<TAB>transcript` line per file.
 
 Any format soundfile reads (FLAC, WAV, OGG, ...), any sample rate or channel count: audio is
-down-mixed and resampled to 16 kHz as data prep does. A file that cannot be read is reported on
-stderr and the others are still transcribed (exit status 1 if any failed).
+down-mixed and resampled to 16 kHz as data prep does. A file that cannot be transcribed (unreadable,
+non-finite or out-of-range samples, shorter than one output frame) is reported in one line on
+stderr and the others are still transcribed; the exit status is 1 if any failed. A clip shorter
+than 0.5 s is transcribed with a warning.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import sys
 
 import torch
 
-from data_prep.audio import AudioError, read_audio
+from data_prep.audio import SAMPLE_RATE, AudioError, read_audio
 
 from .decoder import add_decoder_args, build_decoder
-from .inference import emissions, load_ctc
+from .inference import emissions, load_ctc, samples_for_frames
+
+MIN_SECONDS = 0.5
+"""Shorter clips get a warning: the model was trained on utterances of seconds (LibriSpeech: 1 to
+35 s), and a fraction of a second is at most a word, with next to no context to recognise it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,19 +39,31 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    one_frame = samples_for_frames(cfg.model, 1)  # the conv stack's receptive field
+    useful = max(one_frame, round(MIN_SECONDS * SAMPLE_RATE))
     failed = 0
     for path in args.audio:
         try:
             wave = read_audio(path)
-        except AudioError as err:
-            print(f"error: {path}: cannot transcribe ({err})", file=sys.stderr)
+            if len(wave) < one_frame:
+                raise AudioError(
+                    "too_short", f"{len(wave)} samples ({1000 * len(wave) / SAMPLE_RATE:.1f} ms at 16 kHz); the model "
+                    f"needs at least {one_frame} ({1000 * one_frame / SAMPLE_RATE:.1f} ms) for one output frame",
+                )
+            if len(wave) < useful:
+                frames = (len(wave) - one_frame) // (samples_for_frames(cfg.model, 2) - one_frame) + 1
+                print(f"warning: {path}: only {len(wave) / SAMPLE_RATE:.2f} s of audio ({frames} output "
+                      f"frame{'s' if frames > 1 else ''}); transcripts of clips shorter than {MIN_SECONDS} s "
+                      f"({useful} samples) are unreliable", file=sys.stderr)
+            text = decode(emissions(model, wave, cfg.data.normalize))
+        except (AudioError, RuntimeError) as err:
+            reason = f"{err.reason}: {err.detail}" if isinstance(err, AudioError) else str(err)
+            print(f"error: {path}: cannot transcribe ({reason})", file=sys.stderr)
             failed += 1
             continue
-        if len(wave) < 400:  # shorter than the conv stack's receptive field (25 ms)
-            print(f"error: {path}: too short to transcribe ({len(wave)} samples at 16 kHz)", file=sys.stderr)
-            failed += 1
-            continue
-        print(f"{path}\t{decode(emissions(model, wave, cfg.data.normalize))}", flush=True)
+        print(f"{path}\t{text}", flush=True)
+    if failed:
+        print(f"{failed} of {len(args.audio)} files could not be transcribed", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.fsutil import atomic_write_text
+from data_prep.fsutil import atomic_write_text, atomic_write_with
 from pretrain.config import RunConfig
 from pretrain.interop.hf import hf_config, to_hf
 from pretrain.training import checkpoint as ckpt
@@ -61,9 +61,7 @@ def save_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def main(argv: list[str] | None = None) -> int:

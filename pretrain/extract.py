@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data_prep.loader import normalize_wave
-from data_prep.sources import ManifestSource
+from data_prep.sources import BadUtteranceError, ManifestSource
 from pretrain.build import build_task
 from pretrain.config import RunConfig
 from pretrain.training import checkpoint as ckpt
@@ -58,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
 
+    failed = 0
     for i in tqdm(range(len(source)), unit="utt", disable=None):
-        wave = source.read(i)
+        try:
+            wave = source.read(i)
+        except BadUtteranceError as err:  # one bad file must not cost the features of the others
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
         if cfg.data.normalize:
             wave = normalize_wave(wave)
         try:
@@ -71,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "wb") as f:
             np.save(f, feats)
         tmp.replace(args.out / f"{source.ids[i]}.npy")
-    print(f"wrote {len(source)} feature files to {args.out}")
-    return 0
+    print(f"wrote {len(source) - failed} feature files to {args.out}"
+          + (f"; {failed} utterance(s) could not be read (listed above)" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.fsutil import atomic_write_text
 from pretrain.config import ModelConfig
 from pretrain.interop.hf import QKV_KEY
 
@@ -146,5 +147,5 @@ def export_fairseq2(state: dict[str, torch.Tensor], cfg: ModelConfig, out: Path,
         f"checkpoint: {json.dumps((out / 'model.pt').resolve().as_uri())}",
     ]) + "\n"
     card_path = out / f"{name}.yaml"
-    card_path.write_text(card)
+    atomic_write_text(card_path, card)
     return card_path
