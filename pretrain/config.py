@@ -68,6 +68,11 @@ class ModelConfig:
     loss_scale: float = 0.0
     """Loss multiplier (0: 1 / sqrt(encoder_embed_dim), fairseq's default)."""
     ema_decay: float = 0.999
+    """Teacher EMA decay at update 0, annealed linearly to `ema_end_decay` by `ema_anneal_end_step`.
+    The teacher takes one EMA step per optimizer update, whatever `train.update_freq` is. fairseq
+    steps it once per micro-batch (its `set_num_updates` runs in every `train_step`), so with
+    update_freq F > 1 fairseq's teacher moves F times per update; ours reproduces the reference
+    run (16 GPUs x update_freq 1) on fewer GPUs instead."""
     ema_end_decay: float = 0.9999
     ema_anneal_end_step: int = 30_000
     min_target_var: float = 0.1
@@ -97,6 +102,10 @@ class OptimConfig:
     final_lr_scale: float = 0.01
 
 
+#: `train.precision` values: autocast dtypes, plus fp32 for none
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 400_000
@@ -104,7 +113,7 @@ class TrainConfig:
     update_freq: int = 1
     """Micro-batches accumulated per update (simulates update_freq x more GPUs)."""
     precision: str = "fp16"
-    """`fp16` (dynamic loss scaling), `bf16` or `fp32`; on a CPU, fp16 falls back to fp32."""
+    """One of `PRECISIONS`: `fp16` (dynamic loss scaling), `bf16` or `fp32`; on a CPU, fp16 falls back to fp32."""
     fp16_init_scale: float = 128.0
     seed: int = 1
     log_interval: int = 200
@@ -119,6 +128,11 @@ class TrainConfig:
     """Cap on validation batches (0: the whole split)."""
     reference_batch: int = 0
     """GPUs x update_freq of the published recipe (0: none); a run with another product is warned."""
+
+    def validate(self) -> None:
+        """Raise ValueError for a value the trainer would only trip over later (after data loading)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def batch_summary(world_size: int, update_freq: int, max_tokens: int, reference: int = 0) -> tuple[str, str | None]:
@@ -149,13 +163,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(
+        cfg = cls(
             preset=d["preset"],
             model=ModelConfig(**d["model"]),
             data=LoaderConfig(**d["data"]),
             optim=OptimConfig(**d["optim"]),
             train=TrainConfig(**d["train"]),
         )
+        cfg.train.validate()
+        return cfg
 
 
 def _coerce(value: str, typ, key: str):
@@ -204,6 +220,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             close = sorted(hints)
             raise ValueError(f"unknown config key {key!r}; {parts[0]} has: {', '.join(close)}")
         setattr(section, parts[1], _coerce(value.strip(), hints[parts[1]], key))
+    cfg.train.validate()  # a known key can still hold a value the trainer cannot use
+    cfg.data.validate()
     return cfg
 
 

@@ -72,5 +72,16 @@ class PhaseConv(torch.autograd.Function):
 
 
 def conv1d_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
-    """(B, C, T) -> (B, C_out, T_out); the same numbers as F.conv1d(x, weight, bias, stride)."""
+    """(B, C, T) -> (B, C_out, T_out); the same numbers as F.conv1d(x, weight, bias, stride),
+    in the autocast dtype under autocast (as F.conv1d would be)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # The kernel writes into preallocated outputs, which autocast does not cast: cast the
+        # operands once here (differentiably, so fp32 weights get fp32 gradients) and run it
+        # with autocast off, so input, weights and outputs share one dtype.
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return PhaseConv.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"conv1d_phases: input is {x.dtype} but weight is {weight.dtype}; cast one or use autocast")
     return PhaseConv.apply(x, weight, bias, stride)

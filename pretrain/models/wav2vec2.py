@@ -160,9 +160,12 @@ def contrastive_logits(
     utterance come from one (M x M) matrix instead of gathering K vectors per frame. A distractor
     identical to the positive gets -inf (fairseq compares the vectors exactly).
     """
-    p = F.normalize(preds.float(), dim=-1, eps=1e-8)
-    t = F.normalize(targets.float(), dim=-1, eps=1e-8)
-    sim = torch.bmm(p, t.transpose(1, 2))  # (B, M, M): sim[b, i, j] = cos(pred_i, target_j)
+    # Autocast would run the bmm in bf16/fp16: 3 significant digits, times 1 / logit_temp, is too
+    # coarse for logits that differ by little (fairseq takes the cosine in fp32 as well).
+    with torch.autocast(preds.device.type, enabled=False):
+        p = F.normalize(preds.float(), dim=-1, eps=1e-8)
+        t = F.normalize(targets.float(), dim=-1, eps=1e-8)
+        sim = torch.bmm(p, t.transpose(1, 2))  # (B, M, M): sim[b, i, j] = cos(pred_i, target_j)
     pos = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
     neg = torch.gather(sim, 2, negatives)
     logits = torch.cat([pos, neg], dim=-1) / temperature

@@ -28,31 +28,6 @@ from pretrain.training.schedule import lr_at
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 
-#: model settings that change parameter shapes: a checkpoint is only resumable if they agree
-ARCH_KEYS = (
-    "arch", "conv_feature_layers", "extractor_mode", "conv_bias", "encoder_layers", "encoder_embed_dim",
-    "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
-    "pos_conv_depth", "latent_vars", "latent_groups", "latent_dim", "final_dim", "head_layers", "vocab_size",
-)
-
-
-def _norm(v):
-    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def check_architecture(saved: dict, current: dict, where: Path) -> None:
-    diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
-        for k in ARCH_KEYS
-        if _norm(saved.get(k)) != _norm(current.get(k))
-    ]
-    if diffs:
-        raise TrainingError(
-            f"checkpoint {where} holds a different architecture than the config:\n  " + "\n  ".join(diffs)
-            + "\nResume with the same preset and model settings, or start a new run directory (--out)."
-        )
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -67,9 +42,12 @@ class Trainer:
         self.cfg, self.task, self.run_dir, self.device = cfg, task, Path(run_dir), device
         self.dist = dist_info or DistInfo()
         t = cfg.train
+        t.validate()  # a config built in code skips apply_overrides
         self.precision = t.precision
         if device.type != "cuda" and t.precision == "fp16":
-            log.warning("fp16 needs a GPU; training in fp32 on %s", device.type)
+            # fp16 needs dynamic loss scaling and fast fp16 kernels, which only CUDA has here
+            log.warning("train.precision=fp16 needs a CUDA GPU; this run is on %s and trains in fp32 instead "
+                        "(--set train.precision=bf16 gives mixed precision on a CPU, fp32 silences this)", device.type)
             self.precision = "fp32"
         seed_all(t.seed + self.dist.rank)
         task.to(device)
@@ -92,7 +70,8 @@ class Trainer:
             self.valid_loader = self._loader(data_dir, t.valid_split, valid_cfg, labels, t.seed, packed=False)
         self.step = 0
         self.best_valid = math.inf
-        self.bad_steps = 0
+        self.bad_steps = 0  # consecutive skipped updates
+        self.skipped_updates = 0  # all skipped updates since this process started
         self.stop_signals = None  # a `preemption.StopSignals`, polled between updates
         self.interrupted = False
         text, warning = batch_summary(self.dist.world_size, t.update_freq, cfg.data.max_tokens, t.reference_batch)
@@ -128,7 +107,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, where: Path) -> None:
-        check_architecture(state["config"]["model"], self.cfg.to_dict()["model"], where)
+        ckpt.check_architecture(state["config"]["model"], self.cfg.to_dict()["model"], where)
         self.task.load_extra_state(state.get("task", {}))  # first: it may refuse an incompatible checkpoint
         self.task.model.load_state_dict(state["model"])
         names = [n for n, p in self.task.model.named_parameters() if p.requires_grad]
@@ -137,6 +116,7 @@ class Trainer:
         self.train_loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.best_valid = float(state.get("best_valid", math.inf))
+        self.best_step = state.get("best_step")
         rng = state.get("rng") or {}
         if rng:
             random.setstate(rng["python"])
@@ -146,17 +126,65 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     def resume_if_possible(self) -> bool:
-        path = ckpt.latest(self.run_dir)
-        if path is None:
+        """Resume from the run's newest readable checkpoint, if it has one. Rank 0 inspects the
+        directory (`checkpoint.recover`: fallbacks, repairs) and tells the other ranks which step
+        to load, so every rank resumes from the same one or all stop together."""
+        found: tuple[Path, dict] | None = None
+        error: ckpt.CheckpointError | None = None
+        if self.dist.is_main:
+            try:
+                found = ckpt.recover(self.run_dir)
+            except ckpt.CheckpointError as err:
+                error = err
+        if self.ddp:
+            mine = -2 if error else -1 if found is None else int(found[1]["step"])
+            shared = torch.tensor([mine if self.dist.is_main else 0], dtype=torch.float64, device=self.device)
+            chosen = int(all_reduce_sum(shared).item())
+            if chosen == -2 and not self.dist.is_main:
+                raise ckpt.CheckpointError("rank 0 found no readable checkpoint to resume from; see its message")
+            if chosen >= 0 and not self.dist.is_main:
+                path = ckpt.step_path(self.run_dir, chosen)
+                path = path if path.exists() else ckpt.resolve(self.run_dir)  # a plain-file last.pt
+                found = path, ckpt.load(path)
+        if error is not None:
+            raise error
+        if found is None:
             return False
-        self.load_state_dict(ckpt.load(path), path)
+        path, state = found
+        self.load_state_dict(state, path)
+        self.saved_step = self.step  # already on disk: the run's final save need not write it again
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
         return True
 
+    #: the step of the best checkpoint so far (recorded in every checkpoint; `best.pt` follows it)
+    best_step: int | None = None
+    #: the step last written to disk, so that no step is saved twice
+    saved_step: int | None = None
+
     def save(self, is_best: bool = False) -> None:
+        """Checkpoint the current step on rank 0, once per step: the runner's save after `fit`
+        writes only when `fit` stopped between checkpoints (a stop signal). A failed save raises
+        `checkpoint.CheckpointError` on every rank, so none waits for rank 0 in a collective."""
+        if self.step == self.saved_step:
+            return
+        if is_best:
+            self.best_step = self.step
+        error: ckpt.CheckpointError | None = None
         if self.dist.is_main:
-            ckpt.save(self.run_dir, self.step, self.state_dict(), self.cfg.train.keep_last, is_best)
+            state = self.state_dict()
+            state["best_step"] = self.best_step
+            try:
+                ckpt.save(self.run_dir, self.step, state, self.cfg.train.keep_last, is_best)
+            except ckpt.CheckpointError as err:
+                error = err
+        if self.ddp:
+            failed = all_reduce_sum(torch.tensor([float(error is not None)], device=self.device)).item() > 0
+            if failed and error is None:
+                error = ckpt.CheckpointError(f"rank 0 could not save step {self.step}; see its message")
+        if error is not None:
+            raise error
+        self.saved_step = self.step
 
     # -- the loop ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -221,15 +249,14 @@ class Trainer:
             gnorm_f = math.nan
         if not math.isfinite(gnorm_f):
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update()  # lowers the fp16 scale
-            self.bad_steps += 1
-            if self.bad_steps >= t.max_bad_steps:
-                raise TrainingError(
-                    f"{self.bad_steps} consecutive updates had a non-finite loss or gradient (last at update {self.step + 1}). "
-                    "Lower optim.lr, set optim.clip_norm (e.g. 10), or train in bf16/fp32 (--set train.precision=bf16); "
-                    f"the last good checkpoint is in {ckpt.checkpoint_dir(self.run_dir)}."
-                )
+            reason = "non-finite loss" if any_nonfinite else "non-finite gradient" if total_size else "no samples"
+            if self.scaler.is_enabled() and total_size > 0:
+                if any_nonfinite:  # unscale_ did not run, so the scaler saw no overflow: lower it by hand
+                    self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+                else:
+                    self.scaler.update()
+                reason += f" (fp16 overflow: loss scale lowered to {self.scaler.get_scale():g})"
+            self._skip_update(reason)
             return None
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(max(self.step, 1), self.cfg.optim, t.max_steps)
@@ -238,7 +265,9 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if scale_before is not None and self.scaler.get_scale() < scale_before:
-            return None  # fp16 overflow: the scaler skipped this update
+            # fp16 overflow that only the scaler saw: it skipped the optimizer step
+            self._skip_update(f"fp16 overflow: loss scale lowered to {self.scaler.get_scale():g}")
+            return None
         self.bad_steps = 0
         self.step += 1
         self.task.after_update(self.step)
@@ -246,6 +275,25 @@ class Trainer:
         sums["_audio"] = total_audio
         sums["_micro"] = t.update_freq
         return sums
+
+    def _skip_update(self, reason: str) -> None:
+        """Count an update that changed no weight, say why, and stop after `max_bad_steps` in a row.
+        Every rank takes the same decision (the loss check and gradients are all-reduced)."""
+        self.bad_steps += 1
+        self.skipped_updates += 1
+        limit = self.cfg.train.max_bad_steps
+        if self.dist.is_main:
+            print(f"update {self.step + 1} skipped: {reason} ({self.bad_steps} in a row, {self.skipped_updates} "
+                  f"in total); the run stops after {limit} in a row (train.max_bad_steps)", flush=True)
+        if self.bad_steps >= limit:
+            last = ckpt.latest(self.run_dir)
+            where = (f"the last good checkpoint is {last}, where the command resumes with the new settings" if last
+                     else f"no checkpoint was saved yet (they go to {ckpt.checkpoint_dir(self.run_dir).resolve()})")
+            raise TrainingError(
+                f"{self.bad_steps} consecutive updates were skipped (the last, update {self.step + 1}: {reason}). "
+                "Lower optim.lr, set optim.clip_norm (e.g. 10), or train in bf16/fp32 (--set train.precision=bf16); "
+                f"{where}."
+            )
 
     def validate(self) -> dict[str, float] | None:
         if self.valid_loader is None:
@@ -277,6 +325,7 @@ class Trainer:
         batches = self._batches()
         window: dict[str, float] = defaultdict(float)
         updates_in_window, started = 0, time.perf_counter()
+        skipped_before = self.skipped_updates  # `skipped` counts per log window, the same on every rank
         flops = self.task.train_flops_per_audio_second()
         peak = peak_flops(self.device)
         last_metrics: dict[str, float] = {}
@@ -300,6 +349,7 @@ class Trainer:
                 metrics.update(
                     lr=self.optimizer.param_groups[0]["lr"],
                     gnorm=window["_gnorm"] / updates_in_window,
+                    skipped=self.skipped_updates - skipped_before,
                     audio_s_per_s=audio_per_s,
                     mfu=(audio_per_s * flops / (peak * self.dist.world_size)) if peak and flops else float("nan"),
                 )
@@ -313,6 +363,7 @@ class Trainer:
                     print(f"WARNING: {warning}", flush=True)
                     warned = True
                 window, updates_in_window, started = defaultdict(float), 0, time.perf_counter()
+                skipped_before = self.skipped_updates
             if self.step % t.valid_interval == 0 or self.step == t.max_steps:
                 valid = self.validate()
                 is_best = False
