@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions, part: tuple
 
     bar = tqdm(total=len(tasks), unit="dir", desc="scanning", disable=None)
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
+    with ctx.Pool(opts.workers, _worker_signals) if opts.workers > 1 else _Serial() as pool:
         for split, records, problems, cache in pool.imap_unordered(scan_chapter, tasks, chunksize=4):
             result.splits[split].extend(records)
             result.problems.extend(problems)
@@ -137,6 +138,13 @@ def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions, part: tuple
         result.splits[name].sort(key=lambda r: r.relpath)
     result.problems.sort(key=lambda p: (p.split, p.path))
     return result
+
+
+def _worker_signals() -> None:
+    """Pool workers die on SIGTERM: a forked worker inherits its parent's handlers (submitit's
+    ignores SIGTERM), and `Pool.__exit__` ends its workers with SIGTERM, then waits for them."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
 
 
 class _Serial:
@@ -250,7 +258,7 @@ def _write_shards(opts: PrepOptions, name: str) -> None:
     if opts.pack:
         args = [tuple(shard_paths(shard_dir, name, k)[x] for x in ("tsv", "pcm", "offsets", "meta")) for k in range(opts.num_shards)]
         workers = min(opts.workers, opts.num_shards)
-        with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool:
+        with multiprocessing.get_context("fork").Pool(workers, _worker_signals) if workers > 1 else _Serial() as pool:
             list(pool.imap_unordered(_pack_args, args))
     else:
         for k in range(opts.num_shards):

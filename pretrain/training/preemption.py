@@ -99,11 +99,20 @@ def requeue_after(signals: StopSignals) -> tuple[str, bool]:
     return f"stopped by {signals.name}; requeued job {job} (requeue {done + 1} of at most {budget})", True
 
 
+def _end_after_revoke(signum, frame) -> None:
+    """End by the requeue's SIGTERM, 2 s late. SLURM revokes the job's credential when it kills
+    it and refuses a relaunch credential issued within the same second ("Job credential revoked",
+    and the job ends instead of running again); staying 2 s keeps the relaunch after that second."""
+    time.sleep(2.0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def wait_for_requeue(timeout_s: float = 120.0) -> None:
     """Let SLURM end the job it is requeueing: a task that exits first, with its own status, can
     race the requeue and leave the job FAILED instead of pending again."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the requeue's SIGTERM ends us at once
+        signal.signal(signal.SIGTERM, _end_after_revoke)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(1.0)
