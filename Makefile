@@ -15,7 +15,7 @@ demo: install pipeline
 
 # The main job itself: synthetic corpus -> prep -> pretraining -> CTC fine-tuning -> evaluation
 # (greedy, and beam search with a word LM whose weights were picked on dev-other) -> transformers
-# export -> summary. About 3 minutes on 2 CPU cores.
+# export -> summary. About 2 minutes on 2 CPU cores.
 pipeline:
 	$(PYTHON) -m data_prep toy $(WORK)/corpus
 	$(PYTHON) -m data_prep librispeech $(WORK)/corpus $(WORK)/manifests \
