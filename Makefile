@@ -13,14 +13,18 @@ install:
 
 demo: install pipeline
 
-# The main job itself: synthetic corpus -> prep -> pretraining -> CTC fine-tuning -> evaluation
-# (greedy, and beam search with a word LM whose weights were picked on dev-other) -> transformers
-# export -> summary. About 2 minutes on 2 CPU cores.
+# The main job itself: synthetic corpus -> prep (transcribed LibriSpeech layout, and the unlabelled
+# Libri-Light layout cut by its VAD, merged for pretraining) -> pretraining -> CTC fine-tuning ->
+# evaluation (greedy, and beam search with a word LM whose weights were picked on dev-other) ->
+# transformers export -> summary. About 2 minutes on 2 CPU cores.
 pipeline:
 	$(PYTHON) -m data_prep toy $(WORK)/corpus
 	$(PYTHON) -m data_prep librispeech $(WORK)/corpus $(WORK)/manifests \
-		--finetuning-root $(WORK)/corpus/librispeech_finetuning --num-shards 2 --pack
-	$(PYTHON) -m pretrain --preset wav2vec2_tiny --data $(WORK)/manifests --out $(WORK)/wav2vec2
+		--finetuning-root $(WORK)/corpus/librispeech_finetuning
+	$(PYTHON) -m data_prep librilight $(WORK)/corpus/librilight $(WORK)/librilight --segment-seconds 4
+	$(PYTHON) -m data_prep merge $(WORK)/manifests $(WORK)/librilight --out $(WORK)/unlabelled \
+		--num-shards 2 --pack
+	$(PYTHON) -m pretrain --preset wav2vec2_tiny --data $(WORK)/unlabelled --out $(WORK)/wav2vec2
 	$(PYTHON) -m finetune --preset ctc_tiny --init-from $(WORK)/wav2vec2 --data $(WORK)/manifests --out $(WORK)/ctc
 	$(PYTHON) -m finetune.ngram $(WORK)/manifests/train.wrd --order 2 --out $(WORK)/lm.arpa
 	$(PYTHON) -m finetune.evaluate $(WORK)/ctc --data $(WORK)/manifests
@@ -35,6 +39,7 @@ test: install
 bench: install
 	$(PYTHON) benchmarks/data_loading.py
 	$(PYTHON) benchmarks/wav2vec2_step.py
+	$(PYTHON) benchmarks/librilight_segment.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -175,3 +175,43 @@ def describe_error(err: Exception, path: str | None = None) -> str:
             return "no such file"
         text = text.replace(f"Error opening {str(path)!r}: ", "").replace(f"{str(path)!r}", "the file")
     return text[:200]
+
+
+def convert_file(src: str, dst: str) -> int:
+    """Write `src` as 16 kHz mono 16-bit FLAC at `dst`, block by block (an hour-long file is never
+    held whole); return the number of samples written. Raises `AudioError` on bad input."""
+    written = 0
+    try:
+        f = sf.SoundFile(src)
+    except Exception as err:
+        raise AudioError("unreadable", describe_error(err, src)) from err
+    declared, decoded = f.frames, 0
+    try:
+        with f, sf.SoundFile(dst, "w", SAMPLE_RATE, 1, "PCM_16", format="FLAC") as out:
+            stream = None
+            if f.samplerate != SAMPLE_RATE:
+                import soxr
+
+                stream = soxr.ResampleStream(f.samplerate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            for block in f.blocks(blocksize=_BLOCK, dtype="float32", always_2d=True):
+                check_samples(block, decoded)
+                decoded += len(block)
+                mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+                if stream is not None:
+                    mono = stream.resample_chunk(mono)
+                out.write(to_pcm16(mono))
+                written += len(mono)
+            if stream is not None:
+                tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+                out.write(to_pcm16(tail))
+                written += len(tail)
+    except AudioError:
+        raise
+    except Exception as err:
+        raise AudioError("truncated", f"decoding failed after {decoded} of {declared} samples "
+                                      f"({describe_error(err, src)})") from err
+    if decoded != declared and declared < _UNKNOWN_FRAMES:
+        raise AudioError("truncated", f"header declares {declared} samples but {decoded} decode")
+    if written == 0:
+        raise AudioError("zero_length", "the file decodes to 0 samples")
+    return written

@@ -16,35 +16,18 @@ OUT/converted/ and listed there by absolute path; the originals are never modifi
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import signal
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .fsutil import atomic_write_text
 from .labels import format_dictionary, letter_counts, to_letters
-from .manifest import read_manifest, write_lines, write_manifest
-from .scan import (
-    ChapterTask,
-    Problem,
-    Record,
-    list_chapter_dirs,
-    load_cache,
-    problem_row,
-    save_cache,
-    scan_chapter,
-)
-from .shards import (
-    balanced_partition,
-    pack_shard,
-    remove_stale_shards,
-    shard_manifest,
-    shard_paths,
-)
+from .manifest import write_lines, write_manifest
+from .scan import PrepResult, Record, problem_row, scan_dirs
+from .shards import write_shards
 
 SAMPLE_RATE = 16_000
 #: Libri-Light fine-tuning subsets: output split -> directories under `librispeech_finetuning`.
@@ -70,16 +53,6 @@ class PrepOptions:
     seed: int = 0
 
 
-@dataclass
-class PrepResult:
-    splits: dict[str, list[Record]] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-
-    @property
-    def usable(self) -> int:
-        return sum(len(v) for v in self.splits.values())
-
-
 def resolve_root(root: Path) -> Path:
     root = root.resolve()
     if (root / "LibriSpeech").is_dir():
@@ -87,75 +60,6 @@ def resolve_root(root: Path) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory; pass the LibriSpeech directory (or its parent)")
     return root
-
-
-def _load_caches(cache_dir: Path, name: str) -> dict:
-    """A split's scan cache, with what job-array tasks (`prepare_part`) left next to it."""
-    stem = name.replace("/", "_")
-    cache = load_cache(cache_dir / f"{stem}.json")
-    for part in sorted(cache_dir.glob(f"{stem}.part*.json")):
-        cache.update(load_cache(part))
-    return cache
-
-
-def _scan_all(jobs: list[tuple[str, Path, Path]], opts: PrepOptions, part: tuple[int, int] | None = None) -> PrepResult:
-    """jobs: (split name, split directory, corpus root the manifest paths are relative to).
-
-    With `part=(i, n)` only every n-th chapter from the i-th is scanned, and the results go to a
-    partial cache that a later full run reads instead of decoding again.
-    """
-    cache_dir = opts.out / ".cache"
-    caches = {name: _load_caches(cache_dir, name) for name, _, _ in jobs}
-    tasks = []
-    for name, split_dir, corpus_root in jobs:
-        for chapter in list_chapter_dirs(split_dir):
-            rel_dir = chapter.relative_to(corpus_root).as_posix() + "/"
-            sub = {k: v for k, v in caches[name].items() if k.startswith(rel_dir) and "/" not in k[len(rel_dir):]}
-            tasks.append(ChapterTask(name, str(corpus_root), str(chapter), str(opts.out / "converted"), opts.decode, sub))
-    if part is not None:
-        tasks = tasks[part[0] :: part[1]]
-    result = PrepResult(splits={name: [] for name, _, _ in jobs})
-    fresh: dict[str, dict] = defaultdict(dict)
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(tasks), unit="dir", desc="scanning", disable=None)
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(opts.workers, _worker_signals) if opts.workers > 1 else _Serial() as pool:
-        for split, records, problems, cache in pool.imap_unordered(scan_chapter, tasks, chunksize=4):
-            result.splits[split].extend(records)
-            result.problems.extend(problems)
-            fresh[split].update(cache)
-            bar.update(1)
-    bar.close()
-    for name, _, _ in jobs:
-        stem = name.replace("/", "_")
-        if part is None:
-            save_cache(cache_dir / f"{stem}.json", fresh.get(name, {}))
-            for leftover in cache_dir.glob(f"{stem}.part*.json"):
-                leftover.unlink()
-        else:
-            save_cache(cache_dir / f"{stem}.part{part[0]}-of-{part[1]}.json", fresh.get(name, {}))
-        result.splits[name].sort(key=lambda r: r.relpath)
-    result.problems.sort(key=lambda p: (p.split, p.path))
-    return result
-
-
-def _worker_signals() -> None:
-    """Pool workers die on SIGTERM: a forked worker inherits its parent's handlers (submitit's
-    ignores SIGTERM), and `Pool.__exit__` ends its workers with SIGTERM, then waits for them."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap_unordered(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def _write_split(out: Path, name: str, root: Path, records: list[Record]) -> None:
@@ -190,13 +94,13 @@ def prepare_part(opts: PrepOptions, index: int, count: int) -> PrepResult:
         raise ValueError(f"part {index} of {count} does not exist (parts are numbered 0 to {count - 1})")
     opts.out.mkdir(parents=True, exist_ok=True)
     _, _, _, jobs = _jobs(opts)
-    return _scan_all(jobs, opts, part=(index, count))
+    return scan_dirs(jobs, opts.out, opts.workers, opts.decode, part=(index, count))
 
 
 def prepare(opts: PrepOptions) -> PrepResult:
     opts.out.mkdir(parents=True, exist_ok=True)
     root, splits, ft_root, jobs = _jobs(opts)
-    result = _scan_all(jobs, opts)
+    result = scan_dirs(jobs, opts.out, opts.workers, opts.decode)
     if result.usable == 0:
         _write_report(opts.out, result)
         return result
@@ -228,7 +132,7 @@ def prepare(opts: PrepOptions) -> PrepResult:
     if opts.pack and opts.num_shards == 0:
         opts.num_shards = 1
     if opts.num_shards and train:
-        _write_shards(opts, "train")
+        write_shards(opts.out, "train", opts.num_shards, opts.pack, opts.workers)
     _write_report(opts.out, result)
     summary = {
         "root": str(root),
@@ -240,34 +144,6 @@ def prepare(opts: PrepOptions) -> PrepResult:
     }
     atomic_write_text(opts.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return result
-
-
-def _write_shards(opts: PrepOptions, name: str) -> None:
-    manifest = read_manifest(opts.out / f"{name}.tsv")
-    wrd = (opts.out / f"{name}.wrd").read_text(encoding="utf-8").splitlines()
-    shard_dir = opts.out / "shards"
-    shard_dir.mkdir(exist_ok=True)
-    remove_stale_shards(shard_dir, name, opts.num_shards)
-    groups = balanced_partition(manifest.sizes, opts.num_shards)
-    for k, (g, m) in enumerate(zip(groups, shard_manifest(manifest, groups))):
-        paths = shard_paths(shard_dir, name, k)
-        write_manifest(paths["tsv"], m.root, list(zip(m.paths, m.sizes.tolist())))
-        words = [wrd[i] for i in g]
-        write_lines(paths["tsv"].with_suffix(".wrd"), words)
-        write_lines(paths["tsv"].with_suffix(".ltr"), [to_letters(w) for w in words])
-    if opts.pack:
-        args = [tuple(shard_paths(shard_dir, name, k)[x] for x in ("tsv", "pcm", "offsets", "meta")) for k in range(opts.num_shards)]
-        workers = min(opts.workers, opts.num_shards)
-        with multiprocessing.get_context("fork").Pool(workers, _worker_signals) if workers > 1 else _Serial() as pool:
-            list(pool.imap_unordered(_pack_args, args))
-    else:
-        for k in range(opts.num_shards):
-            for key in ("pcm", "offsets", "meta"):
-                shard_paths(shard_dir, name, k)[key].unlink(missing_ok=True)
-
-
-def _pack_args(args: tuple) -> str:
-    return pack_shard(*args)
 
 
 def _write_report(out: Path, result: PrepResult) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio import AudioError, check_audio, read_audio, write_flac
+from .audio import AudioError, check_audio, convert_file
 from .fsutil import atomic_open
 from .labels import bad_characters, normalize_transcript
+from .parallel import pool
 
 AUDIO_EXTENSIONS = (".flac", ".wav")
 TRANSCRIPT_SUFFIX = ".trans.txt"
@@ -46,14 +48,31 @@ class ChapterTask:
     converted_root: str
     decode: bool
     cache: dict  # relpath -> cached audio-check entry
+    labelled: bool = True  # False: any audio file is usable as is, no transcript wanted
+    extensions: tuple[str, ...] = AUDIO_EXTENSIONS
 
 
-def list_chapter_dirs(split_dir: Path) -> list[Path]:
-    """Every directory below `split_dir` that holds audio or transcripts (sorted)."""
+@dataclass
+class PrepResult:
+    splits: dict[str, list[Record]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return sum(len(v) for v in self.splits.values())
+
+
+def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    return name.lower().endswith(extensions)
+
+
+def list_chapter_dirs(split_dir: Path, extensions: tuple[str, ...] = AUDIO_EXTENSIONS,
+                      transcripts: bool = True) -> list[Path]:
+    """Every directory below `split_dir` that holds audio (or transcripts), sorted."""
     found = set()
     for dirpath, dirnames, filenames in os.walk(split_dir):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if any(f.endswith(AUDIO_EXTENSIONS) or f.endswith(TRANSCRIPT_SUFFIX) for f in filenames):
+        if any(has_extension(f, extensions) or (transcripts and f.endswith(TRANSCRIPT_SUFFIX)) for f in filenames):
             found.add(Path(dirpath))
     return sorted(found)
 
@@ -100,13 +119,15 @@ def _check_cached(path: Path, rel: str, task: ChapterTask) -> dict:
         entry.update(ok=True, num_samples=check.num_frames, converted=None, note="")
         if check.needs_conversion:
             prefix = "finetuning" if task.split.startswith("finetuning/") else ""
-            dst = Path(task.converted_root) / prefix / Path(rel).with_suffix(".flac")
+            # the old suffix stays in the name: a.wav and a.mp3 side by side get two copies
+            dst = Path(task.converted_root) / prefix / (rel if task.labelled else rel + ".flac")
+            if task.labelled:
+                dst = dst.with_suffix(".flac")
             dst.parent.mkdir(parents=True, exist_ok=True)
-            audio = read_audio(str(path))
             tmp = dst.with_name(f".{dst.name}.tmp")
-            write_flac(str(tmp), audio)
+            num_samples = convert_file(str(path), str(tmp))
             os.replace(tmp, dst)
-            entry.update(num_samples=len(audio), converted=str(dst), note=check.conversion_note())
+            entry.update(num_samples=num_samples, converted=str(dst), note=check.conversion_note())
     except AudioError as err:
         entry.update(ok=False, reason=err.reason, detail=err.detail)
     return entry
@@ -119,11 +140,26 @@ def scan_chapter(task: ChapterTask) -> tuple[str, list[Record], list[Problem], d
     problems: list[Problem] = []
     records: list[Record] = []
     cache: dict = {}
-    texts = _read_transcripts(directory, task.split, rel_dir, problems)
-    audio = sorted(p for p in directory.iterdir() if p.suffix in AUDIO_EXTENSIONS and p.is_file())
+    texts = _read_transcripts(directory, task.split, rel_dir, problems) if task.labelled else {}
+    audio = sorted(p for p in directory.iterdir() if has_extension(p.name, task.extensions) and p.is_file()
+                   and not p.name.startswith("."))
     seen: set[str] = set()
     for path in audio:
-        rel = f"{rel_dir}/{path.name}"
+        rel = f"{rel_dir}/{path.name}" if rel_dir != "." else path.name
+        unlistable = manifest_name_problem(rel)
+        if unlistable:
+            problems.append(Problem(task.split, rel.encode("utf-8", "backslashreplace").decode(), "unlistable_name", unlistable))
+            continue
+        if not task.labelled:
+            entry = _check_cached(path, rel, task)
+            cache[rel] = entry
+            if not entry["ok"]:
+                problems.append(Problem(task.split, rel, entry["reason"], entry["detail"]))
+                continue
+            if entry["converted"]:
+                problems.append(Problem(task.split, rel, "converted", f"{entry['note']}; listed as {entry['converted']}"))
+            records.append(Record(task.split, entry["converted"] or rel, entry["num_samples"], ""))
+            continue
         utt = path.name.split(".", 1)[0]
         if utt in seen:
             problems.append(Problem(task.split, rel, "duplicate_audio", f"another file already has id {utt}"))
@@ -153,6 +189,17 @@ def scan_chapter(task: ChapterTask) -> tuple[str, list[Record], list[Problem], d
     return task.split, records, problems, cache
 
 
+def manifest_name_problem(name: str) -> str:
+    """Why `name` cannot be a line of a tab-separated UTF-8 manifest ("" if it can)."""
+    if any(c in name for c in "\t\n\r"):
+        return "the name holds a tab or a line break, which would break the manifest's lines; rename the file"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the name is not valid UTF-8 (the manifest is UTF-8); rename the file"
+    return ""
+
+
 def load_cache(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -167,5 +214,60 @@ def save_cache(path: Path, cache: dict) -> None:
 
 
 def problem_row(p: Problem) -> str:
-    return "\t".join([p.split, p.path, p.reason, p.detail.replace("\t", " ").replace("\n", " ")])
+    path = p.path.replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")  # shown escaped, as Python would
+    return "\t".join([p.split, path, p.reason, p.detail.replace("\t", " ").replace("\n", " ")])
 
+
+
+def load_caches(cache_dir: Path, name: str) -> dict:
+    """A split's scan cache, with what job-array tasks (`--part`) left next to it."""
+    stem = name.replace("/", "_")
+    cache = load_cache(cache_dir / f"{stem}.json")
+    for part in sorted(cache_dir.glob(f"{stem}.part*.json")):
+        cache.update(load_cache(part))
+    return cache
+
+
+def scan_dirs(jobs: list[tuple[str, Path, Path]], out: Path, workers: int, decode: bool = True,
+              part: tuple[int, int] | None = None, labelled: bool = True,
+              extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> PrepResult:
+    """Check every audio file of `jobs`: (split name, split directory, root the paths are relative to).
+
+    With `part=(i, n)` only every n-th directory from the i-th is scanned, and the results go to a
+    partial cache that a later full run reads instead of decoding again.
+    """
+    cache_dir = out / ".cache"
+    tasks = []
+    for name, split_dir, corpus_root in jobs:
+        by_dir: dict[str, dict] = defaultdict(dict)  # grouped once: 200k files must not cost dirs x files
+        for k, v in load_caches(cache_dir, name).items():
+            by_dir[k.rpartition("/")[0]][k] = v
+        for chapter in list_chapter_dirs(split_dir, extensions, transcripts=labelled):
+            rel_dir = chapter.relative_to(corpus_root).as_posix()
+            tasks.append(ChapterTask(name, str(corpus_root), str(chapter), str(out.resolve() / "converted"), decode,
+                                     by_dir.get("" if rel_dir == "." else rel_dir, {}), labelled, extensions))
+    if part is not None:
+        tasks = tasks[part[0] :: part[1]]
+    result = PrepResult(splits={name: [] for name, _, _ in jobs})
+    fresh: dict[str, dict] = defaultdict(dict)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), unit="dir", desc="scanning", disable=None)
+    with pool(workers) as p:
+        for split, records, problems, cache in p.imap_unordered(scan_chapter, tasks, chunksize=4):
+            result.splits[split].extend(records)
+            result.problems.extend(problems)
+            fresh[split].update(cache)
+            bar.update(1)
+    bar.close()
+    for name, _, _ in jobs:
+        stem = name.replace("/", "_")
+        if part is None:
+            save_cache(cache_dir / f"{stem}.json", fresh.get(name, {}))
+            for leftover in cache_dir.glob(f"{stem}.part*.json"):
+                leftover.unlink()
+        else:
+            save_cache(cache_dir / f"{stem}.part{part[0]}-of-{part[1]}.json", fresh.get(name, {}))
+        result.splits[name].sort(key=lambda r: r.relpath)
+    result.problems.sort(key=lambda p: (p.split, p.path))
+    return result

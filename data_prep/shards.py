@@ -17,7 +17,9 @@ import numpy as np
 
 from .audio import read_pcm16
 from .fsutil import atomic_open, atomic_write_text
-from .manifest import Manifest, read_manifest
+from .labels import to_letters
+from .manifest import Manifest, read_lines, read_manifest, write_lines, write_manifest
+from .parallel import run_unordered
 
 
 def balanced_partition(sizes: np.ndarray, num_shards: int) -> list[np.ndarray]:
@@ -90,3 +92,36 @@ def remove_stale_shards(directory: Path, name: str, num_shards: int) -> None:
 
 def shard_manifest(manifest: Manifest, groups: list[np.ndarray]) -> list[Manifest]:
     return [Manifest(manifest.root, [manifest.paths[i] for i in g], manifest.sizes[g]) for g in groups]
+
+
+def write_shards(out: Path, name: str, num_shards: int, pack: bool, workers: int = 1) -> None:
+    """Split `out/NAME.tsv` into duration-balanced `out/shards/NAME.K.tsv` (with the `.wrd`/`.ltr`
+    labels when `NAME.wrd` exists) and, with `pack`, pack each shard's audio."""
+    manifest = read_manifest(out / f"{name}.tsv")
+    wrd_path = out / f"{name}.wrd"
+    wrd = read_lines(wrd_path) if wrd_path.exists() else None
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    remove_stale_shards(shard_dir, name, num_shards)
+    groups = balanced_partition(manifest.sizes, num_shards)
+    for k, (g, m) in enumerate(zip(groups, shard_manifest(manifest, groups))):
+        paths = shard_paths(shard_dir, name, k)
+        write_manifest(paths["tsv"], m.root, list(zip(m.paths, m.sizes.tolist())))
+        if wrd is None:  # unlabelled audio: no label files, and none left from an earlier run
+            for ext in ("wrd", "ltr"):
+                paths["tsv"].with_suffix(f".{ext}").unlink(missing_ok=True)
+        else:
+            words = [wrd[i] for i in g]
+            write_lines(paths["tsv"].with_suffix(".wrd"), words)
+            write_lines(paths["tsv"].with_suffix(".ltr"), [to_letters(w) for w in words])
+    if pack:
+        args = [tuple(shard_paths(shard_dir, name, k)[x] for x in ("tsv", "pcm", "offsets", "meta")) for k in range(num_shards)]
+        list(run_unordered(_pack_args, args, workers))
+    else:
+        for k in range(num_shards):
+            for key in ("pcm", "offsets", "meta"):
+                shard_paths(shard_dir, name, k)[key].unlink(missing_ok=True)
+
+
+def _pack_args(args: tuple) -> str:
+    return pack_shard(*args)

@@ -7,6 +7,8 @@ variant, speaking rate and pitch), resampled to 16 kHz and written as 16-bit mon
         SPK-CHAP-UTT.flac, SPK-CHAP.trans.txt
     OUT/librispeech_finetuning/1h/{0..5}/{clean,other}/SPK/CHAP/...   (6 folds of "10 minutes")
     OUT/librispeech_finetuning/9h/{clean,other}/SPK/CHAP/...
+    OUT/librilight/{small,medium}/SPK/BOOK/NAME.{flac,json}   (unlabelled long files with
+        voice_activity; other speakers and sentences, see toy_librilight.py)
 
 As in Libri-Light, the fine-tuning files are copies of training utterances. The "-other" dev and
 test splits are harder: faster speech with added noise. eSpeak's output depends on what the
@@ -16,11 +18,7 @@ fixed order; that makes the corpus a function of (utterances, seed) alone.
 
 from __future__ import annotations
 
-import os
-import pickle
 import shutil
-import subprocess
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, to_mono_16k, write_flac
+from .synth import VARIANTS as _VARIANTS
+from .synth import VOICES as _VOICES
+from .synth import Speaker
+from .synth import in_fresh_process as _in_fresh_process
 from .vocabulary import WORDS
 
 SPLITS = ("train-clean-100", "dev-clean", "dev-other", "test-clean", "test-other")
 _EVAL_FRACTION = 0.075  # each dev/test split; the rest is training data
-_VOICES = ("en-us", "en", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan")
-_VARIANTS = ("", "+f1", "+f2", "+f3", "+f4", "+m1", "+m2", "+m3", "+m4", "+m6")
 _FINETUNE_1H_FRACTION = 0.25
 _FINETUNE_9H_FRACTION = 0.35
-
-
-@dataclass(frozen=True)
-class Speaker:
-    speaker_id: int
-    voice: str
-    rate_wpm: int
-    pitch: int
-    snr_db: float | None  # None: clean
 
 
 @dataclass(frozen=True)
@@ -169,23 +160,15 @@ def _write_finetuning(root: Path, plan: list[Utterance], seed: int) -> dict[str,
     return {"1h": n_1h, "9h": n_9h}
 
 
-def _in_fresh_process(fn, *args):
-    """Run `fn(*args)` in a new interpreter (not a fork, which would inherit eSpeak's state)."""
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
-    code = "import pickle, sys; fn, args = pickle.load(sys.stdin.buffer); pickle.dump(fn(*args), sys.stdout.buffer)"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], input=pickle.dumps((fn, args)), capture_output=True, env=env
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"speech synthesis failed:\n{proc.stderr.decode(errors='replace')[-2000:]}")
-    return pickle.loads(proc.stdout)
+def make_toy_corpus(
+    out: str | Path, num_utterances: int = 500, seed: int = 0, librilight_utterances: int = 160
+) -> dict:
+    """Write the synthetic corpus under `out`; return a summary (counts and hours).
 
-
-def make_toy_corpus(out: str | Path, num_utterances: int = 500, seed: int = 0) -> dict:
-    """Write the synthetic corpus under `out`; return a summary (counts and hours)."""
+    `librilight_utterances` more utterances go to the unlabelled `librilight` tree (0: none).
+    """
     out = Path(out)
-    for sub in ("LibriSpeech", "librispeech_finetuning"):
+    for sub in ("LibriSpeech", "librispeech_finetuning", "librilight"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)  # a re-run replaces the corpus, never mixes two seeds
     plan = plan_corpus(num_utterances, seed)
@@ -196,8 +179,13 @@ def make_toy_corpus(out: str | Path, num_utterances: int = 500, seed: int = 0) -
     for u, d in zip(plan, durations):
         hours[u.split] += d / 3600
         count[u.split] += 1
-    return {
+    summary = {
         "root": str(out),
         "splits": {s: {"utterances": count[s], "hours": round(hours[s], 4)} for s in SPLITS},
         "finetuning_utterances": finetune,
     }
+    if librilight_utterances:
+        from .toy_librilight import make_toy_librilight  # imports this module: import it late
+
+        summary["librilight"] = make_toy_librilight(out, librilight_utterances, seed)
+    return summary

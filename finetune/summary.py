@@ -12,8 +12,10 @@ from pathlib import Path
 
 #: (what, path under WORK) in pipeline order
 ARTEFACTS = [
-    ("synthetic corpus (LibriSpeech layout, FLAC)", "corpus"),
-    ("manifests, labels, packed shards", "manifests"),
+    ("synthetic corpus (LibriSpeech and Libri-Light layouts, FLAC)", "corpus"),
+    ("manifests and labels (LibriSpeech layout)", "manifests"),
+    ("Libri-Light segments cut by their VAD", "librilight"),
+    ("pretraining manifests (both merged), packed shards", "unlabelled"),
     ("wav2vec 2.0 pretraining run", "wav2vec2"),
     ("  its TensorBoard logs", "wav2vec2/tensorboard"),
     ("CTC fine-tuning run", "ctc"),

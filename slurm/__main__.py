@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                   args.time, args.account, args.qos, args.constraint, args.mem, args.signal_delay)
     if args.array and args.stage not in ("prep",):
         return _fail("--array applies to the prep stage only")
+    if args.array and stage_args[:1] == ["merge"]:
+        return _fail("--array applies to librispeech, audio and librilight preparation, not to merge (it only reads manifests)")
     try:
         plan = pipeline_stages(stage_args) if args.stage == "pipeline" else [(args.stage, stage_args)]
     except SystemExit as exit_:  # argparse of the pipeline's arguments printed its message

@@ -23,6 +23,9 @@ ENTRY_POINTS = {
     "evaluate": ("finetune.evaluate", []),
 }
 
+#: `python -m data_prep` commands a prep job can run; without one, `librispeech` (the pipeline's)
+PREP_COMMANDS = ("librispeech", "audio", "librilight", "merge")
+
 #: stages whose trainer polls for stop signals (prep and evaluate keep submitit's handlers)
 TRAINING_STAGES = ("pretrain", "finetune")
 
@@ -38,8 +41,14 @@ class StageJob:
     max_requeues: int = 10
     env: dict = field(default_factory=dict)
 
-    def command(self) -> str:
+    def entry(self) -> tuple[str, list[str]]:
         module, prefix = ENTRY_POINTS[self.stage]
+        if self.stage == "prep" and self.argv and self.argv[0] in PREP_COMMANDS:
+            prefix = []  # the prep command is named in argv
+        return module, prefix
+
+    def command(self) -> str:
+        module, prefix = self.entry()
         return " ".join(["python -m", module.removesuffix(".__main__"), *prefix, *self.argv])
 
     def __call__(self, *extra_argv: str) -> int:
@@ -47,7 +56,7 @@ class StageJob:
         os.environ.update(self.env)
         if self.stage in TRAINING_STAGES:
             StopSignals.for_process()  # before the imports: the trainer sees a signal that comes now
-        module, prefix = ENTRY_POINTS[self.stage]
+        module, prefix = self.entry()
         code = importlib.import_module(module).main([*prefix, *self.argv, *extra_argv])
         if code == INTERRUPTED:
             # Stopped on a signal with its checkpoint saved, and requeued (or cancelled): leave no
@@ -83,8 +92,11 @@ def output_dir(stage: str, argv: list[str]) -> Path | None:
     if stage in ("pretrain", "finetune"):
         out = argv_value(argv, "--out")
     elif stage == "prep":
-        positional = [a for a in argv if not a.startswith("-")]
-        out = positional[1] if len(positional) > 1 else None
+        if argv and argv[0] == "merge":
+            out = argv_value(argv, "--out")
+        else:
+            positional = [a for a in (argv[1:] if argv and argv[0] in PREP_COMMANDS else argv) if not a.startswith("-")]
+            out = positional[1] if len(positional) > 1 else None
     else:
         out = argv[0] if argv else None
     return Path(out) if out else None

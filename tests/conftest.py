@@ -18,7 +18,7 @@ def toy_corpus(tmp_path_factory) -> Path:
     from data_prep.toy import make_toy_corpus
 
     out = tmp_path_factory.mktemp("toy")
-    make_toy_corpus(out, num_utterances=80, seed=0)
+    make_toy_corpus(out, num_utterances=80, seed=0, librilight_utterances=48)
     return out
 
 

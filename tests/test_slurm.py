@@ -221,6 +221,25 @@ def test_prep_job_array_equals_single_prep(slurm_env, toy_corpus, prepared, tmp_
         assert (out / "shards" / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_librilight_job_array_equals_single_run(slurm_env, toy_corpus, tmp_path):
+    from data_prep.librilight import LibriLightOptions, prepare_librilight
+
+    out = tmp_path / "segments"
+    prepare_librilight(LibriLightOptions(toy_corpus / "librilight", out, workers=1, num_shards=2, pack=True))
+    single = tmp_path / "single"
+    out.rename(single)
+    proc = slurm_cli(slurm_env, "prep", "--array", "2", "--cpus-per-task", "1", "--wait", "--", "librilight",
+                     str(toy_corpus / "librilight"), str(out), "--num-shards", "2", "--pack")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import re
+
+    assert len(re.findall(r"^prep-part: job \d+_\d COMPLETED$", proc.stdout, re.M)) == 2
+    files = sorted(p.relative_to(single) for p in single.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert any(p.suffix == ".flac" for p in files) and any(p.suffix == ".pcm" for p in files)
+    for rel in files:
+        assert (out / rel).read_bytes() == (single / rel).read_bytes(), rel
+
+
 def test_failed_stage_cancels_the_rest_of_the_pipeline(slurm_env, tmp_path):
     work = tmp_path / "work"
     proc = slurm_cli(slurm_env, "pipeline", "--gpus-per-node", "0", "--cpus-per-task", "1", "--wait", "--",

@@ -44,6 +44,16 @@ def test_dry_run_and_argument_errors_need_no_cluster(tmp_path):
     arr = subprocess.run(base + ["pretrain", "--array", "4", "--", "--out", "x"], capture_output=True, text=True,
                          timeout=120, env=env)
     assert arr.returncode == 2 and "--array applies to the prep stage only" in arr.stderr
+    merge = subprocess.run(base + ["prep", "--array", "2", "--dry-run", "--", "merge", "a", "--out", "b"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert merge.returncode == 2 and "not to merge" in merge.stderr
+    for command in ("audio", "librilight"):
+        out = tmp_path / command
+        dry = subprocess.run(base + ["prep", "--array", "4", "--dry-run", "--", command, "/data/in", str(out)],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert dry.returncode == 0, dry.stderr
+        assert f"python -m data_prep {command} /data/in {out} --workers 10 (as a job array of 4 + merge)" in dry.stdout
+        assert str(out / "slurm") in dry.stdout  # logs beside the output, found from the command's OUT
 
 
 def test_signal_during_job_startup_stops_at_the_first_update(prepared, tmp_path):
