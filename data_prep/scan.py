@@ -104,7 +104,10 @@ def _read_transcripts(directory: Path, split: str, rel_dir: str, problems: list[
 
 
 def _check_cached(path: Path, rel: str, task: ChapterTask) -> dict:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError as err:  # e.g. a link to a file that is gone
+        return {"size": -1, "mtime_ns": -1, "ok": False, "reason": "unreadable", "detail": err.strerror or str(err)}
     entry = task.cache.get(rel)
     if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
         # caches from before sample values were checked: re-check WAVs, the only files that can hold floats
@@ -141,8 +144,9 @@ def scan_chapter(task: ChapterTask) -> tuple[str, list[Record], list[Problem], d
     records: list[Record] = []
     cache: dict = {}
     texts = _read_transcripts(directory, task.split, rel_dir, problems) if task.labelled else {}
-    audio = sorted(p for p in directory.iterdir() if has_extension(p.name, task.extensions) and p.is_file()
-                   and not p.name.startswith("."))
+    # links count even when broken: a dangling one is reported, not passed over in silence
+    audio = sorted(p for p in directory.iterdir() if has_extension(p.name, task.extensions)
+                   and (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
     seen: set[str] = set()
     for path in audio:
         rel = f"{rel_dir}/{path.name}" if rel_dir != "." else path.name

@@ -43,6 +43,8 @@ def folder_with_defects(root: Path) -> dict[str, str]:
     expected["nan.wav"] = "non_finite"
     sf.write(root / "tab\tname.wav", rng.integers(-4000, 4000, SR).astype(np.int16), SR)
     expected["tab\tname.wav"] = "unlistable_name"
+    (root / "speaker2" / "gone.flac").symlink_to(root / "no_such_file.flac")
+    expected["speaker2/gone.flac"] = "unreadable"
     (root / "notes.txt").write_text("ignored: not an audio extension")
     sf.write(root / "other.ogg", rng.uniform(-0.1, 0.1, SR).astype(np.float32), SR)  # not in --ext
     return expected
