@@ -16,7 +16,8 @@ demo: install pipeline
 # The main job itself: synthetic corpus -> prep (transcribed LibriSpeech layout, and the unlabelled
 # Libri-Light layout cut by its VAD, merged for pretraining) -> pretraining -> CTC fine-tuning ->
 # evaluation (greedy, and beam search with a word LM whose weights were picked on dev-other) ->
-# transformers export -> summary. About 2 minutes on 2 CPU cores.
+# transformers export -> summary -> run reports (plots and health verdicts, under each run's
+# report/). About 2 minutes on 2 CPU cores.
 pipeline:
 	$(PYTHON) -m data_prep toy $(WORK)/corpus
 	$(PYTHON) -m data_prep librispeech $(WORK)/corpus $(WORK)/manifests \
@@ -32,6 +33,8 @@ pipeline:
 		--lm-weight 0.5 --word-score 1
 	$(PYTHON) -m finetune.export $(WORK)/ctc --format hf --out $(WORK)/ctc-hf
 	$(PYTHON) -m finetune.summary $(WORK)
+	$(PYTHON) -m pretrain.report $(WORK)/wav2vec2
+	$(PYTHON) -m finetune.report $(WORK)/ctc
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -172,6 +172,11 @@ def make_toy_corpus(
         if (out / sub).exists():
             shutil.rmtree(out / sub)  # a re-run replaces the corpus, never mixes two seeds
     plan = plan_corpus(num_utterances, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    # model cards and reports look for this file to say that a model was trained on synthetic speech
+    (out / "SYNTHETIC.md").write_text(
+        f"Synthetic speech (eSpeak NG) written by `python -m data_prep toy` (utterances {num_utterances}, seed {seed}); "
+        "not LibriSpeech or Libri-Light audio, only their layouts.\n", encoding="utf-8")
     durations = _in_fresh_process(_write_split_files, out, plan, seed)
     finetune = _write_finetuning(out, plan, seed)
     hours: dict[str, float] = defaultdict(float)
@@ -185,7 +190,7 @@ def make_toy_corpus(
         "finetuning_utterances": finetune,
     }
     if librilight_utterances:
-        from .toy_librilight import make_toy_librilight  # imports this module: import it late
+        from .toy_librilight import make_toy_librilight
 
         summary["librilight"] = make_toy_librilight(out, librilight_utterances, seed)
     return summary

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
     p.add_argument("--preset", default="ctc_10h", help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--init-from", default=None,
-                   help="a pretraining run or checkpoint of ours, or a transformers model directory")
+                   help="a pretraining run or checkpoint of ours, a transformers model directory, or a fairseq "
+                        "checkpoint file (wav2vec 2.0 / data2vec-audio, pretrained or CTC fine-tuned)")
     p.add_argument("--data", type=Path, help="directory written by `python -m data_prep` (with dict.ltr.txt)")
     p.add_argument("--out", type=Path, help="run directory (resumed if it holds a checkpoint)")
     p.add_argument("--train-split", default=None, help="manifest to train on (default: the preset's)")

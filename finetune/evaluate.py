@@ -73,7 +73,10 @@ def format_table(results: dict[str, dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
+    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file, "
+                                      "or a fairseq CTC checkpoint (.pt)")
+    p.add_argument("--dict", dest="dict_path", default=None,
+                   help="a fairseq CTC checkpoint's dict.ltr.txt (default: the one beside it)")
     p.add_argument("--data", type=Path, required=True, help="directory written by `python -m data_prep`")
     p.add_argument("--splits", default=DEFAULT_SPLITS, help=f"comma-separated (default: {DEFAULT_SPLITS})")
     add_decoder_args(p)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     splits = [s for s in args.splits.split(",") if s]
     try:
-        cfg, model, dictionary, where = load_ctc(args.checkpoint, device)
+        cfg, model, dictionary, where = load_ctc(args.checkpoint, device, args.dict_path)
         decode, decoder_name, options = build_decoder(dictionary, args)
         results = {s: evaluate_split(model, cfg, decode, args.data, s, args.max_utterances) for s in splits}
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -1,9 +1,11 @@
-"""`python -m finetune.export RUN_OR_CKPT --format hf|fairseq2 --out DIR`: ship a fine-tuned CTC model.
+"""`python -m finetune.export RUN_OR_CKPT --format hf|fairseq2|fairseq --out DIR`: ship a fine-tuned CTC model.
 
 `hf` writes a transformers directory that `Wav2Vec2ForCTC` (or `Data2VecAudioForCTC`) and
 `Wav2Vec2Processor` load. The vocabulary keeps our indices, with the first two names swapped as
 transformers' own fairseq converter does: index 0, the CTC blank, is called `<pad>` there.
 `fairseq2` writes a `wav2vec2_asr` checkpoint and an asset card (`pretrain.interop.fairseq2`).
+`fairseq` writes a `Wav2VecCtc` checkpoint with `dict.ltr.txt` beside it, for fairseq and the tools
+built on it (s3prl). The input may also be a fairseq CTC checkpoint (`--dict` names its dictionary).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from data_prep.fsutil import atomic_write_text
 from pretrain.export import preprocessor_config, save_safetensors
 from pretrain.interop.hf import hf_config, to_hf
+from pretrain.model_card import eval_reports, run_dir_of, step_of, write_model_card
 
 from .config import FinetuneConfig
 from .dictionary import Dictionary
@@ -40,8 +43,31 @@ def hf_ctc_config(cfg: FinetuneConfig, vocab_size: int) -> dict:
     return config
 
 
-def export_hf(checkpoint: str | Path, out: Path) -> Path:
-    cfg, model, dictionary, _ = load_ctc(checkpoint)
+def export_fairseq(checkpoint: str | Path, out: Path, dict_path: str | None = None) -> Path:
+    """`out/checkpoint.pt` (fairseq `Wav2VecCtc`, the pretraining config embedded as `w2v_args`) and
+    `out/dict.ltr.txt`."""
+    from pretrain.interop.fairseq_write import write_ctc
+
+    cfg, model, dictionary, where = load_ctc(checkpoint, dict_path=dict_path)
+    state = model.state_dict()
+    encoder = {k[len("w2v."):]: v for k, v in state.items() if k.startswith("w2v.")}
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_ctc(out / "checkpoint.pt", cfg.model, encoder, (state["proj.weight"], state["proj.bias"]),
+                     dictionary.symbols, cfg.data.normalize, num_updates=step_of(where),
+                     final_dropout=cfg.ctc.final_dropout, source=cfg.ctc.init_from or str(where))
+    ctc_card(out, cfg, "fairseq", where)
+    return path
+
+
+def ctc_card(out: Path, cfg: FinetuneConfig, fmt: str, where: Path, name: str | None = None) -> Path:
+    """The export's README.md, with the WER/CER the run's evaluations measured on this checkpoint."""
+    evals = eval_reports(run_dir_of(where), where)
+    return write_model_card(out, cfg, kind="ctc", fmt=fmt, source=str(where), step=step_of(where), evals=evals,
+                            name=name)
+
+
+def export_hf(checkpoint: str | Path, out: Path, dict_path: str | None = None) -> Path:
+    cfg, model, dictionary, where = load_ctc(checkpoint, dict_path=dict_path)
     _, prefix = HF_CLASSES[cfg.model.arch]
     state = model.state_dict()
     encoder = {k[len("w2v."):]: v for k, v in state.items() if k.startswith("w2v.")}
@@ -60,6 +86,7 @@ def export_hf(checkpoint: str | Path, out: Path) -> Path:
         processor_class="Wav2Vec2Processor",
     ))
     save_safetensors(weights, out / "model.safetensors")
+    ctc_card(out, cfg, "hf", where)
     return out
 
 
@@ -67,20 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
-    p.add_argument("--format", choices=["hf", "fairseq2"], default="hf")
+    p.add_argument("--format", choices=["hf", "fairseq2", "fairseq"], default="hf")
+    p.add_argument("--dict", dest="dict_path", default=None,
+                   help="when the input is a fairseq CTC checkpoint: its dict.ltr.txt (default: the one beside it)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", default=None, help="fairseq2 asset name (default: the output directory's name)")
     args = p.parse_args(argv)
     try:
-        if args.format == "hf":
-            path = export_hf(args.checkpoint, args.out)
+        if args.format == "fairseq":
+            path = export_fairseq(args.checkpoint, args.out, args.dict_path)
+            print(f"wrote a fairseq Wav2VecCtc checkpoint to {path} and its {path.parent / 'dict.ltr.txt'}; load it with "
+                  f"fairseq.checkpoint_utils.load_model_ensemble_and_task([{str(path)!r}])")
+        elif args.format == "hf":
+            path = export_hf(args.checkpoint, args.out, args.dict_path)
             print(f"wrote a transformers CTC model to {path}")
         else:
             from pretrain.interop.fairseq2 import export_fairseq2
 
-            cfg, model, dictionary, _ = load_ctc(args.checkpoint)
+            cfg, model, dictionary, where = load_ctc(args.checkpoint, dict_path=args.dict_path)
             card = export_fairseq2(model.state_dict(), cfg.model, args.out, args.name or args.out.name,
                                    vocab_size=len(dictionary), final_dropout=cfg.ctc.final_dropout)
+            ctc_card(args.out, cfg, "fairseq2", where, card.stem)
             print(f"wrote a fairseq2 wav2vec2_asr checkpoint to {args.out}; load it with "
                   f"FAIRSEQ2_USER_ASSET_DIR={args.out} and the asset name {card.stem}")
     except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:

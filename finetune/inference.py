@@ -32,7 +32,37 @@ def resolve_for_inference(path: str | Path) -> Path:
     return best.resolve() if p.is_dir() and best.exists() else ckpt.resolve(p)
 
 
-def load_ctc(path: str | Path, device: torch.device | str = "cpu") -> tuple[FinetuneConfig, CTCModel, Dictionary, Path]:
+def load_fairseq_ctc(path: Path, dict_path: str | Path | None = None) -> tuple[FinetuneConfig, CTCModel, Dictionary]:
+    """A fairseq `Wav2VecCtc` checkpoint (wav2vec 2.0 or data2vec-audio inside) as our CTC model."""
+    from pretrain.interop.fairseq import read_fairseq
+
+    theirs = read_fairseq(path, dict_path)
+    if theirs.kind != "ctc":
+        raise ValueError(f"{path} is a fairseq pretraining checkpoint without a CTC head; fine-tune it first: "
+                         f"python -m finetune --init-from {path} --data DIR --out RUN")
+    if theirs.symbols is None:
+        raise ValueError(f"{path} does not carry its vocabulary and there is no dict.ltr.txt beside it; "
+                         "pass the dictionary it was fine-tuned with: --dict PATH/dict.ltr.txt")
+    cfg = FinetuneConfig(preset="fairseq", model=theirs.model)
+    cfg.data.normalize = theirs.normalize
+    cfg.ctc.symbols, cfg.ctc.init_from = list(theirs.symbols), str(path)
+    dictionary = Dictionary(cfg.ctc.symbols)
+    model = CTCModel(cfg.model, len(dictionary), cfg.ctc.final_dropout)
+    state = {f"w2v.{k}": v for k, v in theirs.weights.items()}
+    state["proj.weight"], state["proj.bias"] = theirs.proj
+    model.load_state_dict(state)
+    return cfg, model, dictionary
+
+
+def load_ctc(path: str | Path, device: torch.device | str = "cpu",
+             dict_path: str | Path | None = None) -> tuple[FinetuneConfig, CTCModel, Dictionary, Path]:
+    """A fine-tuned run or checkpoint of ours, or a fairseq CTC checkpoint file (its vocabulary from
+    the file, `dict_path`, or the dict.ltr.txt beside it)."""
+    from pretrain.interop.fairseq import is_fairseq_file
+
+    if is_fairseq_file(path):
+        cfg, model, dictionary = load_fairseq_ctc(Path(path), dict_path)
+        return cfg, model.to(device).eval(), dictionary, Path(path).resolve()
     where = resolve_for_inference(path)
     state = ckpt.load(where)
     config = state.get("config", {})

@@ -1,4 +1,5 @@
-"""Where fine-tuning starts from: one of our pretraining (or CTC) runs, or a transformers directory."""
+"""Where fine-tuning starts from: one of our pretraining (or CTC) runs, a transformers directory, or a
+fairseq checkpoint file."""
 
 from __future__ import annotations
 
@@ -53,10 +54,22 @@ def _from_checkpoint(path: Path) -> Pretrained:
     return Pretrained(cfg.model, cfg.data.normalize, _encoder_only(weights), str(ckpt.resolve(path)))
 
 
+def _from_fairseq(path: Path) -> Pretrained:
+    """A fairseq wav2vec 2.0 / data2vec-audio checkpoint, pretrained or CTC fine-tuned (its encoder)."""
+    from pretrain.interop.fairseq import read_fairseq
+
+    theirs = read_fairseq(path)
+    return Pretrained(theirs.model, theirs.normalize, _encoder_only(theirs.weights), str(path.resolve()))
+
+
 def load_pretrained(source: str | Path) -> Pretrained:
+    from pretrain.interop.fairseq import is_fairseq_file
+
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"--init-from {path} does not exist")
     if path.is_dir() and (path / "config.json").exists() and not (path / "checkpoints").exists():
         return _from_hf_dir(path)
+    if is_fairseq_file(path):
+        return _from_fairseq(path)
     return _from_checkpoint(path)

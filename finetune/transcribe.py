@@ -27,14 +27,17 @@ MIN_SECONDS = 0.5
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.transcribe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
+    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file, "
+                                      "or a fairseq CTC checkpoint (.pt)")
+    p.add_argument("--dict", dest="dict_path", default=None,
+                   help="a fairseq CTC checkpoint's dict.ltr.txt (default: the one beside it)")
     p.add_argument("audio", nargs="+", help="audio files")
     add_decoder_args(p)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        cfg, model, dictionary, _ = load_ctc(args.checkpoint, device)
+        cfg, model, dictionary, _ = load_ctc(args.checkpoint, device, args.dict_path)
         decode, _, _ = build_decoder(dictionary, args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--init-from", type=Path, default=None, help="start from a transformers model directory")
+    p.add_argument("--init-from", type=Path, default=None, help="start from a transformers model directory or a fairseq checkpoint file (.pt)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--describe", action="store_true", help="print the resolved config and parameter count, then exit")
     return p
@@ -39,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.max_steps = args.max_steps
     if args.seed is not None:
         cfg.train.seed = args.seed
-    hf_weights = None
+    init = None
     if args.init_from is not None:
-        from pretrain.build import apply_hf_architecture, read_hf_dir
+        from pretrain.build import init_source
 
         try:
-            hf, hf_weights = read_hf_dir(args.init_from)
-            apply_hf_architecture(cfg, hf)
+            init = init_source(cfg, args.init_from)
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -65,10 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data / (cfg.train.train_split + '.tsv')} not found; prepare data with `python -m data_prep`",
               file=sys.stderr)
         return 2
-    from pretrain.build import build_task, load_hf_weights
     from pretrain.training.runner import run
 
-    init = None if hf_weights is None else (lambda task: load_hf_weights(task, hf_weights, args.init_from))
     return run(cfg, args.data, args.out, args.device, lambda: build_task(cfg.model), init)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -72,3 +73,48 @@ def load_hf_weights(task: Task, weights: dict[str, torch.Tensor], hf_dir: Path) 
         )
     if hasattr(task, "reset_teacher"):
         task.reset_teacher()
+
+
+def init_source(cfg: RunConfig, path: Path) -> Callable[[Task], None]:
+    """Adopt the architecture of `--init-from` (a transformers directory or a fairseq checkpoint
+    file) into `cfg`, keeping the preset's training settings; return what loads its weights."""
+    from pretrain.interop.fairseq import is_fairseq_file
+
+    path = Path(path)
+    if not is_fairseq_file(path):
+        hf, weights = read_hf_dir(path)
+        apply_hf_architecture(cfg, hf)
+        return lambda task: load_hf_weights(task, weights, path)
+    from pretrain.interop.fairseq import read_fairseq
+
+    theirs = read_fairseq(path)
+    if theirs.model.arch != cfg.model.arch:
+        raise ValueError(f"--init-from {path} is a fairseq {theirs.model.arch} model but preset {cfg.preset} trains "
+                         f"{cfg.model.arch}; pick a matching preset")
+    for name in _FROM_HF_FIELDS:
+        setattr(cfg.model, name, getattr(theirs.model, name))
+    if theirs.normalize != cfg.data.normalize:
+        print(f"note: {path} was trained with data.normalize={theirs.normalize}; continuing with the same")
+        cfg.data.normalize = theirs.normalize
+    return lambda task: load_fairseq_weights(task, theirs, path)
+
+
+def load_fairseq_weights(task: Task, theirs, path: Path) -> None:
+    """A fairseq pretraining checkpoint loads whole (heads included, and the data2vec teacher from
+    its `_ema`); a CTC one gives the encoder, and the pretraining heads start fresh."""
+    from pretrain.interop.fairseq import from_fairseq_weights
+
+    strict = theirs.kind == "pretrain"
+    missing, unexpected = task.model.load_state_dict(theirs.weights, strict=False)
+    heads = ("quantizer.", "project_q.", "final_proj.", "regression_head.")
+    really_missing = [k for k in missing if strict or not k.startswith(heads)]
+    if really_missing or unexpected:
+        raise ValueError(f"{path} does not fit this architecture: missing {really_missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if hasattr(task, "reset_teacher"):
+        task.reset_teacher()
+        if theirs.teacher:  # fairseq's `_ema`: encoder-relative names, no positional conv (copied from the student)
+            ours = from_fairseq_weights({f"encoder.{k}": v for k, v in theirs.teacher.items()})
+            state = task.teacher.state_dict()
+            state.update({k[len("encoder."):]: v.to(state[k[len("encoder."):]].dtype) for k, v in ours.items()})
+            task.teacher.load_state_dict(state)

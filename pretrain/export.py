@@ -1,8 +1,11 @@
-"""`python -m pretrain.export RUN_OR_CKPT --format hf|fairseq2 --out DIR`: a transformers model directory,
-or a fairseq2 checkpoint with its asset card (`pretrain.interop.fairseq2`).
+"""`python -m pretrain.export RUN_OR_CKPT --format hf|fairseq2|fairseq --out DIR`: ship a pretrained model.
 
-wav2vec 2.0 runs export as `Wav2Vec2ForPreTraining` (encoder, quantizer and heads); data2vec runs
-as `Data2VecAudioModel` (the student encoder; transformers has no data2vec pretraining head).
+`hf`: a transformers model directory. wav2vec 2.0 runs export as `Wav2Vec2ForPreTraining`
+(encoder, quantizer and heads); data2vec runs as `Data2VecAudioModel` (the student encoder;
+transformers has no data2vec pretraining head). `fairseq2`: a fairseq2 checkpoint with its asset
+card (`pretrain.interop.fairseq2`). `fairseq`: `DIR/checkpoint.pt`, a fairseq `Wav2Vec2Model` /
+`Data2VecAudioModel` checkpoint (`pretrain.interop.fairseq_write`). The input may also be a fairseq
+pretraining checkpoint file, to convert it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +21,7 @@ import torch
 from data_prep.fsutil import atomic_write_text, atomic_write_with
 from pretrain.config import RunConfig
 from pretrain.interop.hf import hf_config, to_hf
+from pretrain.model_card import write_model_card
 from pretrain.training import checkpoint as ckpt
 
 SAMPLE_RATE = 16_000
@@ -35,13 +40,58 @@ def preprocessor_config(normalize: bool, layer_norm_extractor: bool) -> dict:
     }
 
 
-def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
+@dataclass
+class Pretrained:
+    """A pretraining model to export: its config, weights, data2vec teacher and update count."""
+
+    cfg: RunConfig
+    weights: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor] | None
+    step: int
+    source: str
+
+
+def load_pretrained(checkpoint_path: str | Path) -> Pretrained:
+    """Our pretraining run or checkpoint, or a fairseq pretraining checkpoint file."""
+    from pretrain.interop.fairseq import is_fairseq_file
+
+    if is_fairseq_file(checkpoint_path):
+        from pretrain.build import build_task, load_fairseq_weights
+        from pretrain.interop.fairseq import read_fairseq
+
+        theirs = read_fairseq(checkpoint_path)
+        if theirs.kind != "pretrain":
+            raise ValueError(f"{checkpoint_path} is a fairseq CTC checkpoint: export it with `python -m finetune.export`")
+        cfg = RunConfig(preset="fairseq", model=theirs.model)
+        cfg.data.normalize = theirs.normalize
+        task = build_task(cfg.model)
+        load_fairseq_weights(task, theirs, Path(checkpoint_path))  # checks that every tensor fits
+        teacher = task.teacher.state_dict() if hasattr(task, "teacher") else None
+        return Pretrained(cfg, task.model.state_dict(), teacher, theirs.num_updates, str(checkpoint_path))
     state = ckpt.load(checkpoint_path)
     if "ctc" in state.get("config", {}):
         raise ValueError(f"{checkpoint_path} is a fine-tuned CTC run: export it with `python -m finetune.export`")
-    cfg = RunConfig.from_dict(state["config"])
+    teacher = (state.get("task") or {}).get("teacher")
+    return Pretrained(RunConfig.from_dict(state["config"]), dict(state["model"]), teacher, int(state.get("step", 0)),
+                      str(ckpt.resolve(checkpoint_path)))
+
+
+def export_fairseq(checkpoint_path: str | Path, out: Path) -> Path:
+    from pretrain.interop.fairseq_write import write_pretrained
+
+    p = load_pretrained(checkpoint_path)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_pretrained(out / "checkpoint.pt", p.cfg.model, p.weights, p.cfg.data.normalize, p.step, p.teacher,
+                            p.cfg.data.max_sample_size, p.cfg.data.min_sample_size)
+    write_model_card(out, p.cfg, kind="pretrained", fmt="fairseq", source=p.source, step=p.step)
+    return path
+
+
+def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
+    p = load_pretrained(checkpoint_path)
+    cfg = p.cfg
     m = cfg.model
-    weights = dict(state["model"])
+    weights = dict(p.weights)
     if m.arch == "data2vec":
         weights = {k: v for k, v in weights.items() if not k.startswith(("final_proj.", "regression_head."))}
         hf_weights = to_hf(weights, "")
@@ -53,6 +103,7 @@ def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
     pre = preprocessor_config(cfg.data.normalize, m.extractor_mode == "layer_norm")
     atomic_write_text(out / "preprocessor_config.json", json.dumps(pre, indent=2) + "\n")
     save_safetensors(hf_weights, out / "model.safetensors")
+    write_model_card(out, cfg, kind="pretrained", fmt="hf", source=p.source, step=p.step)
     return out
 
 
@@ -67,7 +118,7 @@ def save_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its last checkpoint)")
-    p.add_argument("--format", choices=["hf", "fairseq2"], default="hf")
+    p.add_argument("--format", choices=["hf", "fairseq2", "fairseq"], default="hf")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", default=None, help="fairseq2 asset name (default: the output directory's name)")
     args = p.parse_args(argv)
@@ -75,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "hf":
             path = export_hf(args.checkpoint, args.out)
             print(f"wrote a transformers model to {path}")
+        elif args.format == "fairseq":
+            path = export_fairseq(args.checkpoint, args.out)
+            print(f"wrote a fairseq checkpoint to {path}; load it with "
+                  f"fairseq.checkpoint_utils.load_model_ensemble_and_task([{str(path)!r}])")
         else:
             card = export_fairseq2_run(args.checkpoint, args.out, args.name or args.out.name)
             print(f"wrote a fairseq2 wav2vec2 checkpoint to {args.out}; load it with "
@@ -88,11 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 def export_fairseq2_run(checkpoint_path: str | Path, out: Path, name: str) -> Path:
     from pretrain.interop.fairseq2 import export_fairseq2
 
-    state = ckpt.load(checkpoint_path)
-    if "ctc" in state.get("config", {}):
-        raise ValueError(f"{checkpoint_path} is a fine-tuned CTC run: export it with `python -m finetune.export`")
-    cfg = RunConfig.from_dict(state["config"])
-    return export_fairseq2(state["model"], cfg.model, out, name, step=int(state.get("step", 0)))
+    p = load_pretrained(checkpoint_path)
+    card = export_fairseq2(p.weights, p.cfg.model, out, name, step=p.step)
+    write_model_card(out, p.cfg, kind="pretrained", fmt="fairseq2", source=p.source, step=p.step, name=name)
+    return card
 
 
 if __name__ == "__main__":

@@ -22,6 +22,19 @@ from pretrain.training import checkpoint as ckpt
 
 
 def load_encoder(checkpoint_path: str | Path, device: torch.device):
+    """Our run or checkpoint, or a fairseq checkpoint file (pretrained or CTC: its encoder)."""
+    from pretrain.interop.fairseq import is_fairseq_file
+
+    if is_fairseq_file(checkpoint_path):
+        from pretrain.build import load_fairseq_weights
+        from pretrain.interop.fairseq import read_fairseq
+
+        theirs = read_fairseq(checkpoint_path)
+        cfg = RunConfig(preset="fairseq", model=theirs.model)
+        cfg.data.normalize = theirs.normalize
+        task = build_task(cfg.model)
+        load_fairseq_weights(task, theirs, Path(checkpoint_path))
+        return cfg, task.model.to(device).eval()
     state = ckpt.load(checkpoint_path)
     cfg = RunConfig.from_dict(state["config"])
     task = build_task(cfg.model)

@@ -74,6 +74,16 @@ def pretrained_run(prepared, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ctc_run(pretrained_run, prepared, tmp_path_factory) -> Path:
+    """A few updates past a short frozen period, validating on dev-other."""
+    out = tmp_path_factory.mktemp("ctc") / "run"
+    run_ok(finetune_cmd(pretrained_run, prepared, out, "--max-steps", "8",
+                        "--set", "ctc.freeze_finetune_updates=4", "--set", "train.valid_interval=4",
+                        "--set", "train.log_interval=2", "--set", "train.max_valid_batches=4"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def slurm_env():
     """A single-node SLURM started for the session (stopped by PID at the end); the environment
     that points clients at it. Skips where SLURM cannot start, unless REQUIRE_SLURM=1 (CI)."""

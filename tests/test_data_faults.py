@@ -294,7 +294,7 @@ def _modes(directory: Path) -> dict[str, int]:
 def test_outputs_respect_the_umask(tmp_path, toy_corpus, umask_022, ctc_checkpoint):
     from finetune.export import export_hf as export_ctc
     from pretrain.build import build_task
-    from pretrain.export import export_fairseq2_run, export_hf
+    from pretrain.export import export_fairseq, export_fairseq2_run, export_hf
     from pretrain.presets import get_preset
     from pretrain.training import checkpoint as ckpt
     from pretrain.training.trainer import write_config
@@ -316,7 +316,10 @@ def test_outputs_respect_the_umask(tmp_path, toy_corpus, umask_022, ctc_checkpoi
     export_hf(run, tmp_path / "hf")
     export_ctc(ctc_checkpoint, tmp_path / "ctc-hf")
     export_fairseq2_run(run, tmp_path / "fs2", "tiny")
-    assert {k: oct(v) for k, v in _modes(tmp_path / "fs2").items()} == {"model.pt": "0o644", "tiny.yaml": "0o644"}
+    assert {k: oct(v) for k, v in _modes(tmp_path / "fs2").items()} == {
+        "model.pt": "0o644", "tiny.yaml": "0o644", "README.md": "0o644"}
+    export_fairseq(run, tmp_path / "fs")
+    assert {k: oct(v) for k, v in _modes(tmp_path / "fs").items()} == {"checkpoint.pt": "0o644", "README.md": "0o644"}
     for exported in ("hf", "ctc-hf"):
         modes = _modes(tmp_path / exported)
         assert "model.safetensors" in modes and "config.json" in modes

@@ -19,16 +19,6 @@ from pretrain.training import checkpoint as ckpt
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def ctc_run(pretrained_run, prepared, tmp_path_factory) -> Path:
-    """A few updates past a short frozen period, validating on dev-other."""
-    out = tmp_path_factory.mktemp("ctc") / "run"
-    run_ok(finetune_cmd(pretrained_run, prepared, out, "--max-steps", "8",
-                        "--set", "ctc.freeze_finetune_updates=4", "--set", "train.valid_interval=4",
-                        "--set", "train.log_interval=2", "--set", "train.max_valid_batches=4"))
-    return out
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return ckpt.load(path)["model"]
 

@@ -36,7 +36,7 @@ def _export(run, out):
 
 def test_export_loads_in_transformers_without_missing_weights(tiny_run, tmp_path):
     out = _export(tiny_run, tmp_path / "hf")
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
     model, info = Wav2Vec2ForPreTraining.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert Wav2Vec2FeatureExtractor.from_pretrained(out).do_normalize is False

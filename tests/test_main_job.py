@@ -38,3 +38,6 @@ def test_main_job_end_to_end(tmp_path):
         cer = greedy["splits"][split]["cer"]
         assert cer <= pinned + MARGIN, f"{split} CER {cer:.2f} regressed from {pinned} (margin {MARGIN})"
     assert (work / "ctc-hf" / "vocab.json").exists() and (work / "ctc-hf" / "model.safetensors").exists()
+    assert "test-clean CER (greedy decoding)" in (work / "ctc-hf" / "README.md").read_text()  # the model card
+    for run, plot in (("wav2vec2", "codebook.png"), ("ctc", "wer.png")):  # the run reports
+        assert (work / run / "report" / "report.md").exists() and (work / run / "report" / plot).exists()

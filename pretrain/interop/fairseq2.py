@@ -15,7 +15,7 @@ import torch
 
 from data_prep.fsutil import atomic_write_text
 from pretrain.config import ModelConfig
-from pretrain.interop.hf import QKV_KEY
+from pretrain.interop.keymap import QKV_KEY
 
 _RENAMES = [
     (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", "encoder_frontend.feature_extractor.layers.{0}.conv.{1}"),

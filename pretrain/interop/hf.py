@@ -7,6 +7,7 @@ import re
 import torch
 
 from pretrain.config import ModelConfig
+from pretrain.interop.keymap import rename_from, split_qkv
 
 # (our key pattern, HF key template) for keys that map one to one; `{p}` is the HF model prefix.
 _RENAMES = [
@@ -29,8 +30,6 @@ _RENAMES = [
     (r"final_proj\.(weight|bias)", "project_hid.{0}"),
     (r"project_q\.(weight|bias)", "project_q.{0}"),
 ]
-#: our fused attention projection, split into q/k/v by every export
-QKV_KEY = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)")
 _HF_QKV = re.compile(r"(?:.*\.)?encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)")
 
 
@@ -43,11 +42,9 @@ def to_hf(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor
         out[f"{prefix}feature_projection.projection.weight"] = torch.eye(dim)
         out[f"{prefix}feature_projection.projection.bias"] = torch.zeros(dim)
     for key, value in state.items():
-        m = QKV_KEY.fullmatch(key)
-        if m:
-            layer, kind = m.groups()
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}encoder.layers.{layer}.attention.{name}_proj.{kind}"] = part.clone()
+        split = split_qkv(key, value, prefix + "encoder.layers.{layer}.attention.{name}_proj.{kind}")
+        if split:
+            out.update(split)
             continue
         for pattern, template in _RENAMES:
             m = re.fullmatch(pattern, key)
@@ -73,25 +70,14 @@ def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         )
         ours = re.sub(r"\([^)]*\)", "{}", pattern).replace("\\.", ".")
         inverse.append((re.compile(regex), ours))
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    legacy = {"pos_conv_embed.conv.weight_g": "pos_conv_embed.conv.parametrizations.weight.original0",
+              "pos_conv_embed.conv.weight_v": "pos_conv_embed.conv.parametrizations.weight.original1"}
+    renamed = {}
     for key, value in state.items():
-        key = key.replace("pos_conv_embed.conv.weight_g", "pos_conv_embed.conv.parametrizations.weight.original0")
-        key = key.replace("pos_conv_embed.conv.weight_v", "pos_conv_embed.conv.parametrizations.weight.original1")
-        m = _HF_QKV.fullmatch(key)
-        if m:
-            layer, name, kind = m.groups()
-            qkv.setdefault((layer, kind), {})[name] = value
-            continue
-        for regex, ours in inverse:
-            m = regex.fullmatch(key)
-            if m:
-                out[ours.format(*m.groups())] = value
-                break
-        else:
-            raise KeyError(f"transformers parameter {key!r} has no counterpart here")
-    for (layer, kind), parts in qkv.items():
-        out[f"encoder.layers.{layer}.self_attn.qkv_proj.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        for old, new in legacy.items():
+            key = key.replace(old, new)
+        renamed[key] = value
+    out = rename_from(renamed, inverse, _HF_QKV, "transformers")
     w = out.get("post_extract_proj.weight")
     if w is not None and w.shape[0] == w.shape[1] and torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)):
         if not out["post_extract_proj.bias"].any():

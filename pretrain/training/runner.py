@@ -85,6 +85,7 @@ def run(
             init(task)
         if info.is_main:
             write_config(out, cfg)
+            write_run_info(out, data, info.world_size, device)
         logger = MetricLogger(out, trainer.step, enabled=info.is_main)
         final = trainer.fit(logger)
         trainer.save()  # writes only if fit stopped between checkpoints (a stop signal)
@@ -120,3 +121,14 @@ def run(
             summary[f"best_valid_{outcome.best_metric}"] = round(outcome.best_valid, 4)
         print(json.dumps(summary))
     return 0
+
+
+def write_run_info(out: Path, data: Path, world_size: int, device: torch.device) -> None:
+    """`RUN/run.json`: what trained the run beside its config (the data it read, on how many ranks
+    of what), for model cards and reports; rewritten by each (re)start."""
+    from data_prep.fsutil import atomic_write_text
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    info = {"data": str(Path(data).resolve()), "world_size": int(world_size), "device": name,
+            "torch": torch.__version__}
+    atomic_write_text(Path(out) / "run.json", json.dumps(info, indent=2) + "\n")
