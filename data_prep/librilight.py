@@ -170,7 +170,7 @@ def cut_book(task: BookTask) -> BookResult:
 
 def _read_vad(path: Path) -> list[tuple[float, float]]:
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM some editors add is not a defect
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise VadError(f"not readable as JSON: {' '.join(str(err).split())[:160]}") from err
     if not isinstance(meta, dict) or "voice_activity" not in meta:

@@ -85,3 +85,18 @@ def test_ctc_fine_tuning_under_ddp_matches_update_freq_two(pretrained_run, prepa
     differing = sum(int(((a[k] - b[k]).abs() > 1e-4).sum()) for k in a)
     assert differing <= 1e-3 * sum(v.numel() for v in a.values()), differing
     assert not torch.equal(a["w2v.encoder.layers.0.fc1.weight"], ckpt.load(pretrained_run)["model"]["encoder.layers.0.fc1.weight"])
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_with_layerdrop_under_ddp(prepared, tmp_path):
+    """Checkpointed layers, some of them skipped by LayerDrop, on two ranks (DDP with unused
+    parameters): the losses of one process with update_freq 2."""
+    common = ["-m", "pretrain", "--preset", "data2vec_tiny", "--data", str(prepared), "--max-steps", "4",
+              "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu",
+              "--set", "model.encoder_layerdrop=0.5", "--set", "train.activation_checkpointing=true"]
+    run_single_and_ddp(common, tmp_path)
+    rows = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    a, b = ([(r["step"], r["loss"]) for r in run if r["split"] == "train"] for run in rows)
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, la), (_, lb) in zip(a, b):
+        assert abs(la - lb) <= 1e-4 * abs(la), (a, b)

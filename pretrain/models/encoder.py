@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.ops import attention, dropout
 from pretrain.models.position import make_positional_conv
@@ -104,6 +105,9 @@ class TransformerEncoder(nn.Module):
         self.dropout = dropout
         self.layerdrop = layerdrop
         self.layer_norm_first = layer_norm_first
+        self.activation_checkpointing = False
+        """Recompute each layer's activations in the backward pass instead of keeping them
+        (`train.activation_checkpointing`; set by the trainer)."""
         for layer in self.layers:
             layer.apply(init_bert_params)
 
@@ -137,7 +141,12 @@ class TransformerEncoder(nn.Module):
             if self.training and self.layerdrop > 0 and layer_drop_draws is not None:
                 if float(layer_drop_draws[i]) < self.layerdrop:
                     continue
-            x, ffn = layer(x, attn_mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: works with DDP and with layers LayerDrop skips (no grad-less inputs
+                # trick); the RNG state is replayed, so the recomputed dropout masks are the same
+                x, ffn = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x, ffn = layer(x, attn_mask)
             if return_ffn:
                 ffn_outputs.append(ffn)
         if self.layer_norm_first and stop == len(self.layers):

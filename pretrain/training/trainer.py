@@ -51,6 +51,7 @@ class Trainer:
             self.precision = "fp32"
         seed_all(t.seed + self.dist.rank)
         task.to(device)
+        set_activation_checkpointing(task.model, t.activation_checkpointing)
         self.model: nn.Module = task.model
         self.ddp = self.dist.world_size > 1
         if self.ddp:
@@ -389,6 +390,15 @@ class Trainer:
         if not self.ddp:
             return local
         return bool(all_reduce_sum(torch.tensor([float(local)], device=self.device)).item() > 0)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn per-layer activation checkpointing on or off in every transformer encoder of `model`."""
+    from pretrain.models.encoder import TransformerEncoder
+
+    for module in model.modules():
+        if isinstance(module, TransformerEncoder):
+            module.activation_checkpointing = enabled
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
