@@ -177,7 +177,11 @@ def write_model_card(out: Path, cfg: RunConfig, *, kind: str, fmt: str, source: 
         for report in evals:
             for split, r in report.get("splits", {}).items():
                 body.append(f"| {split} | {report.get('decoder', 'greedy')} | {r['wer']:.2f} | {r['cer']:.2f} |")
+    exporter = "finetune.export" if kind == "ctc" else "pretrain.export"
+    others = [f for f in ("hf", "fairseq2", "fairseq") if f != fmt and not (f == "fairseq2" and arch == "data2vec")]
     body += ["", "## Usage", ""] + _usage(fmt, kind, arch, out) + [
+        "", "The same model in the other formats: " + ", ".join(
+            f"`python -m {exporter} {source} --format {f} --out DIR`" for f in others) + "."] + [
         "", "In this project: `python -m finetune --init-from DIR_OR_FILE ...` fine-tunes it, "
         "`python -m pretrain.extract DIR_OR_FILE --manifest TSV --out FEATURES` extracts features"
         + (", `python -m finetune.transcribe DIR_OR_FILE audio.flac` transcribes" if kind == "ctc" else "") + ".", ""]
