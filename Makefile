@@ -17,7 +17,7 @@ demo: install pipeline
 # Libri-Light layout cut by its VAD, merged for pretraining) -> pretraining -> CTC fine-tuning ->
 # evaluation (greedy, and beam search with a word LM whose weights were picked on dev-other) ->
 # transformers export -> summary -> run reports (plots and health verdicts, under each run's
-# report/). About 2 minutes on 2 CPU cores.
+# report/). About 2.5 minutes on 2 CPU cores.
 pipeline:
 	$(PYTHON) -m data_prep toy $(WORK)/corpus
 	$(PYTHON) -m data_prep librispeech $(WORK)/corpus $(WORK)/manifests \
