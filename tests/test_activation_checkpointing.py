@@ -11,7 +11,7 @@ from conftest import metric_rows, pretrain_cmd, run_ok
 from data_prep.loader import Batch
 from pretrain.build import build_task
 from pretrain.presets import get_preset
-from pretrain.training.trainer import set_activation_checkpointing
+from pretrain.models.encoder import set_activation_checkpointing
 
 
 def step_grads(preset: str, checkpointing: bool, state: dict | None, layerdrop: float):

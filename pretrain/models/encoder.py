@@ -152,3 +152,10 @@ class TransformerEncoder(nn.Module):
         if self.layer_norm_first and stop == len(self.layers):
             x = self.layer_norm(x)
         return x, ffn_outputs
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn per-layer activation checkpointing on or off in every transformer encoder of `model`."""
+    for module in model.modules():
+        if isinstance(module, TransformerEncoder):
+            module.activation_checkpointing = enabled

@@ -19,6 +19,7 @@ from data_prep.loader import AudioLoader, LoaderConfig
 from data_prep.sources import open_source, read_labels
 from pretrain.config import RunConfig, batch_summary, dumps
 from pretrain.distributed import DistInfo, all_reduce_sum
+from pretrain.models.encoder import set_activation_checkpointing
 from pretrain.models.flops import peak_flops
 from pretrain.objectives.task import Task, TrainingError
 from pretrain.training import checkpoint as ckpt
@@ -390,15 +391,6 @@ class Trainer:
         if not self.ddp:
             return local
         return bool(all_reduce_sum(torch.tensor([float(local)], device=self.device)).item() > 0)
-
-
-def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Turn per-layer activation checkpointing on or off in every transformer encoder of `model`."""
-    from pretrain.models.encoder import TransformerEncoder
-
-    for module in model.modules():
-        if isinstance(module, TransformerEncoder):
-            module.activation_checkpointing = enabled
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
