@@ -81,6 +81,8 @@ class Batch:
     is_dummy: bool = False
     """A stand-in for a rank with no batch left this epoch: run it, but give it weight zero."""
     lengths: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    extras: dict | None = None
+    """Tensors the loader's `extras` hook drew for this batch (e.g. data2vec 2.0's masks)."""
 
     def __post_init__(self) -> None:
         if self.lengths is None:
@@ -95,11 +97,15 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.source), move(self.padding_mask), self.indices, self.labels, self.is_dummy, move(self.lengths))
+        extras = None if self.extras is None else {k: move(v) for k, v in self.extras.items()}
+        return Batch(move(self.source), move(self.padding_mask), self.indices, self.labels, self.is_dummy,
+                     move(self.lengths), extras)
 
     def pin_memory(self) -> "Batch":
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch(pin(self.source), pin(self.padding_mask), self.indices, self.labels, self.is_dummy, pin(self.lengths))
+        extras = None if self.extras is None else {k: pin(v) for k, v in self.extras.items()}
+        return Batch(pin(self.source), pin(self.padding_mask), self.indices, self.labels, self.is_dummy,
+                     pin(self.lengths), extras)
 
 
 def collate(
@@ -161,6 +167,7 @@ class _EpochBatches(Dataset):
         self.batch_ids = batch_ids
         self.epoch = epoch
         self.fallback = loader.first_batch_id
+        self.extras = loader.extras
 
     def __len__(self) -> int:
         return len(self.batch_ids)
@@ -186,7 +193,10 @@ class _EpochBatches(Dataset):
         rng = np.random.default_rng([self.seed, 2, self.epoch, bid])
         source, mask = collate(waves, self.cfg.pad, self.cfg.max_sample_size, rng)
         labels = None if self.labels is None else [self.labels[int(i)] for i in idx]
-        return _Loaded(Batch(source, mask, torch.from_numpy(idx), labels, is_dummy=dummy), skipped)
+        batch = Batch(source, mask, torch.from_numpy(idx), labels, is_dummy=dummy)
+        if self.extras is not None:  # in the worker, from the whole utterances' lengths
+            batch.extras = self.extras(source, [len(w) for w in waves], np.random.default_rng([self.seed, 3, self.epoch, bid]))
+        return _Loaded(batch, skipped)
 
     def _read(self, idx: np.ndarray) -> tuple[list[np.ndarray], list[int], list[str]]:
         """The readable utterances of `idx`, their positions in it, and why each other one was skipped."""
@@ -214,9 +224,14 @@ class AudioLoader:
         labels: list[str] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        extras=None,
     ) -> None:
+        """`extras(source, full_lengths, rng)`, if given, runs where the batch is collated (a worker
+        process with num_workers > 0; so it must pickle) and returns tensors for `Batch.extras`;
+        its rng is seeded by (seed, epoch, batch id) like the crops."""
         cfg.validate()
         self.source, self.cfg, self.seed, self.labels = source, cfg, seed, labels
+        self.extras = extras
         self.rank, self.world_size = rank, world_size
         sizes = np.asarray(source.sizes)
         keep = sizes >= cfg.min_sample_size

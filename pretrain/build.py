@@ -29,7 +29,11 @@ def build_task(cfg: ModelConfig) -> Task:
         from pretrain.objectives.data2vec_task import Data2VecTask
 
         return Data2VecTask(cfg)
-    raise ValueError(f"unknown model.arch {cfg.arch!r}; use wav2vec2 or data2vec")
+    if cfg.arch == "data2vec2":
+        from pretrain.objectives.data2vec2_task import Data2Vec2Task
+
+        return Data2Vec2Task(cfg)
+    raise ValueError(f"unknown model.arch {cfg.arch!r}; use wav2vec2, data2vec or data2vec2")
 
 
 def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -19,7 +19,8 @@ class ModelConfig:
     """Architecture and objective (fairseq `Wav2Vec2Config` / `Data2VecAudioConfig` names)."""
 
     arch: str = "wav2vec2"
-    """`wav2vec2` (contrastive, quantized targets) or `data2vec` (EMA teacher regression)."""
+    """`wav2vec2` (contrastive, quantized targets), `data2vec` (EMA teacher regression) or `data2vec2`
+    (data2vec 2.0: the student encodes only unmasked frames, several masks per teacher pass)."""
     conv_feature_layers: list = field(default_factory=lambda: list(BASE_CONV))
     """(dim, kernel, stride) per conv layer; the default downsamples 320x (49 frames/s)."""
     extractor_mode: str = "default"
@@ -79,6 +80,27 @@ class ModelConfig:
     min_pred_var: float = 0.01
     collapse_check_after: int = 5_000
     """Updates after which target / prediction variance below the minimum stops the run."""
+    # data2vec 2.0 (fairseq `Data2VecMultiConfig`, audio modality); its teacher uses the fields above
+    prenet_depth: int = 0
+    """Blocks before the `encoder_layers` main ones; their outputs are not targets (large: 8)."""
+    clone_batch: int = 8
+    """Differently masked copies of each utterance per teacher pass."""
+    mask_prob_adjust: float = 0.05
+    """Extra span centres drawn to make up for overlapping spans (rows are then cut to mask_prob)."""
+    mask_exact_after_crop: bool = False
+    """fairseq crops each utterance's mask rows to the batch with their own offset, so rows of a
+    cropped utterance no longer have int(T * mask_prob) masked frames, and its model then keeps row 0's
+    count of frames in every row: up to a few masked frames reach the student with their content
+    while still being targets. False keeps that (what the released models saw); True re-counts the
+    rows after cropping."""
+    mask_noise_std: float = 0.01
+    """Masked positions enter the decoder (and, fine-tuning, the encoder) as N(0, std) noise."""
+    decoder_dim: int = 384
+    decoder_kernel: int = 7
+    decoder_layers: int = 4
+    decoder_groups: int = 16
+    decoder_dropout: float = 0.1
+    """Dropout on the encoder output before the decoder (fairseq `input_dropout`)."""
 
 
 @dataclass
@@ -91,8 +113,13 @@ class OptimConfig:
     weight_decay: float = 0.01
     clip_norm: float = 0.0
     """Gradient-norm clipping (0: off, as in wav2vec 2.0 pretraining)."""
+    decay_all: bool = True
+    """Weight decay on every parameter. fairseq's data2vec 2.0 marks biases, norms and the ALiBi
+    scales for no decay, but its optimizers never read the mark, so the released models had decay
+    on all of them; false leaves 1-D parameters undecayed, as that code intended."""
     schedule: str = "polynomial_decay"
-    """`polynomial_decay` (linear warm-up, then decay to `end_lr`) or `tri_stage`."""
+    """`polynomial_decay` (linear warm-up, then decay to `end_lr`), `tri_stage` or `cosine`
+    (linear warm-up from 0, then half a cosine to 0 at `train.max_steps`)."""
     warmup_updates: int = 32_000
     end_lr: float = 0.0
     power: float = 1.0

@@ -144,3 +144,60 @@ def data2vec_tiny() -> RunConfig:
     c.train.max_steps = 400
     c.train.log_interval, c.train.valid_interval, c.train.save_interval = 50, 200, 200
     return c
+
+
+@preset
+def data2vec2_base() -> RunConfig:
+    """fairseq `examples/data2vec/config/v2/base_audio_only_task.yaml`: 8 GPUs x 1M samples, crops
+    of 320k, normalised audio, 8 masked copies per utterance, cosine lr 7.5e-4 after 8k warm-up
+    updates, 400k updates, fp16, no clipping; EMA 0.999 -> 0.99999 over 75k updates."""
+    c = data2vec_base()
+    m = c.model
+    m.arch = "data2vec2"
+    m.dropout, m.attention_dropout, m.activation_dropout, m.encoder_layerdrop = 0.1, 0.1, 0.0, 0.05
+    m.mask_prob, m.mask_length, m.mask_prob_adjust, m.clone_batch = 0.5, 5, 0.05, 8
+    m.average_top_k_layers, m.instance_norm_target_layer = 8, True
+    m.ema_decay, m.ema_end_decay, m.ema_anneal_end_step = 0.999, 0.99999, 75_000
+    m.prenet_depth, m.decoder_dim, m.decoder_kernel, m.decoder_layers, m.decoder_groups = 0, 384, 7, 4, 16
+    c.data.max_tokens, c.data.max_sample_size, c.data.min_sample_size = 1_000_000, 320_000, 32_000
+    c.optim.lr, c.optim.schedule, c.optim.warmup_updates = 7.5e-4, "cosine", 8_000
+    c.optim.betas, c.optim.eps, c.optim.weight_decay, c.optim.clip_norm = [0.9, 0.98], 1e-6, 0.01, 0.0
+    c.train.max_steps, c.train.reference_batch = 400_000, 8
+    return c
+
+
+@preset
+def data2vec2_large() -> RunConfig:
+    """fairseq `examples/data2vec/config/v2/large_audio_only_task.yaml`: 48 GPUs x 320k samples,
+    24 blocks of 1024 (8 prenet + 16 main, all 16 targets), 12 copies, mask_prob 0.55, cosine lr 4e-4
+    after 10k updates, 600k updates, clip 1; EMA 0.9997 -> 1.0 over 300k (then frozen)."""
+    c = data2vec2_base()
+    m = c.model
+    m.encoder_layers, m.encoder_embed_dim, m.encoder_ffn_embed_dim, m.encoder_attention_heads = 16, 1024, 4096, 16
+    m.prenet_depth, m.average_top_k_layers, m.clone_batch, m.decoder_dim = 8, 16, 12, 768
+    m.mask_prob, m.mask_prob_adjust, m.encoder_layerdrop = 0.55, 0.1, 0.0
+    m.ema_decay, m.ema_end_decay, m.ema_anneal_end_step = 0.9997, 1.0, 300_000
+    c.data.max_tokens = 320_000
+    c.optim.lr, c.optim.warmup_updates, c.optim.clip_norm = 4e-4, 10_000, 1.0
+    c.train.max_steps, c.train.reference_batch = 600_000, 48
+    return c
+
+
+@preset
+def data2vec2_tiny() -> RunConfig:
+    """A CPU-sized data2vec 2.0 for tests and the synthetic corpus (not a paper setting): the
+    tiny encoder of `data2vec_tiny`, 4 copies per utterance, a 2-block decoder, the teacher's decay
+    0.99 -> 0.999 over 200 updates."""
+    c = data2vec2_base()
+    t = data2vec_tiny()
+    m = c.model
+    for name in ("conv_feature_layers", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+                 "encoder_attention_heads", "pos_conv_depth", "conv_pos", "conv_pos_groups", "average_top_k_layers",
+                 "ema_decay", "ema_end_decay", "ema_anneal_end_step", "collapse_check_after"):
+        setattr(m, name, getattr(t.model, name))
+    m.encoder_layerdrop, m.clone_batch = 0.0, 4
+    m.decoder_dim, m.decoder_layers, m.decoder_groups = 64, 2, 4
+    c.data = t.data
+    c.optim.lr, c.optim.warmup_updates = 2e-3, 40
+    c.train = t.train
+    return c

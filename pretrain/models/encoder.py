@@ -157,5 +157,5 @@ class TransformerEncoder(nn.Module):
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Turn per-layer activation checkpointing on or off in every transformer encoder of `model`."""
     for module in model.modules():
-        if isinstance(module, TransformerEncoder):
+        if hasattr(module, "activation_checkpointing"):  # TransformerEncoder, Data2Vec2Encoder
             module.activation_checkpointing = enabled

@@ -66,7 +66,9 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, p: float, training: bool
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v with dropout on the weights; (B, H, T, d) tensors."""
+    """softmax(q k^T / sqrt(d) + mask) v with dropout on the weights; (B, H, T, d) tensors.
+
+    attn_mask: bool (True = attend) or an additive float bias, broadcastable to (B, H, T, T)."""
     if not training or p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p if training else 0.0)
     b, h, t, d = q.shape
@@ -80,8 +82,10 @@ def attention(
     weights = torch.bmm(q3 * (d**-0.5), k3.transpose(1, 2))
     if tk != t:
         weights[:, :, t:] = float("-inf")
-    if attn_mask is not None:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
         weights.view(b, h, t, tk)[..., :t].masked_fill_(~attn_mask, float("-inf"))
+    elif attn_mask is not None:  # an additive bias (ALiBi), broadcast over (B, H, T, T)
+        weights.view(b, h, t, tk)[..., :t] += attn_mask.to(weights.dtype)
     # Dropout on the weights, with its 1 / (1 - p) applied to the (much smaller) output.
     weights = _ZeroWhere.apply(torch.softmax(weights, dim=-1), _drop_mask(weights.shape, p))
     return (torch.bmm(weights, v3) * (1.0 / (1.0 - p))).view(b, h, t, d)

@@ -60,32 +60,10 @@ class Wav2Vec2Output:
     """(B, M, F) project_q of the quantized masked frames."""
 
 
-class Wav2Vec2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, pretraining_heads: bool = True) -> None:
-        """`pretraining_heads=False` leaves out the quantizer and projections (fine-tuning)."""
-        super().__init__()
-        self.cfg = cfg
-        self.feature_extractor = FeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)
-        conv_dim = cfg.conv_feature_layers[-1][0]
-        dim = cfg.encoder_embed_dim
-        self.layer_norm = nn.LayerNorm(conv_dim)
-        # fairseq's wav2vec 2.0 skips the projection when the widths agree; Data2VecAudioModel always has it
-        needs_proj = conv_dim != dim or cfg.arch == "data2vec"
-        self.post_extract_proj = nn.Linear(conv_dim, dim) if needs_proj else None
-        self._register_load_state_dict_pre_hook(_identity_projection_if_absent, with_module=True)
-        self.mask_emb = nn.Parameter(torch.empty(dim).uniform_())
-        self.encoder = TransformerEncoder(
-            dim, cfg.encoder_ffn_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads,
-            cfg.dropout, cfg.attention_dropout, cfg.activation_dropout, cfg.encoder_layerdrop,
-            cfg.layer_norm_first, cfg.conv_pos, cfg.conv_pos_groups, cfg.pos_conv_depth,
-        )
-        if cfg.arch == "wav2vec2" and pretraining_heads:
-            vq_dim = cfg.latent_dim or cfg.final_dim
-            self.quantizer = GumbelQuantizer(conv_dim, cfg.latent_vars, cfg.latent_groups, vq_dim)
-            self.project_q = nn.Linear(vq_dim, cfg.final_dim)
-            self.final_proj = nn.Linear(dim, cfg.final_dim)
+class ConvFrontend:
+    """The conv feature encoder, its LayerNorm and projection, shared by every model: needs
+    `cfg`, `feature_extractor`, `layer_norm` and `post_extract_proj` attributes."""
 
-    # -- shared by every objective -------------------------------------------------------------
     def frame_padding_mask(self, padding_mask: torch.Tensor | None, num_frames: int) -> torch.Tensor | None:
         if padding_mask is None or not padding_mask.any():
             return None
@@ -113,6 +91,32 @@ class Wav2Vec2Model(nn.Module):
             features_pen=features_pen,
             padding_mask=self.frame_padding_mask(padding_mask, features.shape[1]),
         )
+
+
+class Wav2Vec2Model(ConvFrontend, nn.Module):
+    def __init__(self, cfg: ModelConfig, pretraining_heads: bool = True) -> None:
+        """`pretraining_heads=False` leaves out the quantizer and projections (fine-tuning)."""
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg.conv_feature_layers, cfg.extractor_mode, cfg.conv_bias)
+        conv_dim = cfg.conv_feature_layers[-1][0]
+        dim = cfg.encoder_embed_dim
+        self.layer_norm = nn.LayerNorm(conv_dim)
+        # fairseq's wav2vec 2.0 skips the projection when the widths agree; Data2VecAudioModel always has it
+        needs_proj = conv_dim != dim or cfg.arch == "data2vec"
+        self.post_extract_proj = nn.Linear(conv_dim, dim) if needs_proj else None
+        self._register_load_state_dict_pre_hook(_identity_projection_if_absent, with_module=True)
+        self.mask_emb = nn.Parameter(torch.empty(dim).uniform_())
+        self.encoder = TransformerEncoder(
+            dim, cfg.encoder_ffn_embed_dim, cfg.encoder_layers, cfg.encoder_attention_heads,
+            cfg.dropout, cfg.attention_dropout, cfg.activation_dropout, cfg.encoder_layerdrop,
+            cfg.layer_norm_first, cfg.conv_pos, cfg.conv_pos_groups, cfg.pos_conv_depth,
+        )
+        if cfg.arch == "wav2vec2" and pretraining_heads:
+            vq_dim = cfg.latent_dim or cfg.final_dim
+            self.quantizer = GumbelQuantizer(conv_dim, cfg.latent_vars, cfg.latent_groups, vq_dim)
+            self.project_q = nn.Linear(vq_dim, cfg.final_dim)
+            self.final_proj = nn.Linear(dim, cfg.final_dim)
 
     def apply_mask(self, x: torch.Tensor, mask_indices: torch.Tensor | None) -> torch.Tensor:
         if mask_indices is None:

@@ -33,8 +33,8 @@ class Data2VecTask(Task):
 
     def reset_teacher(self) -> None:
         """Start the teacher from the student's current encoder (after loading weights)."""
-        device = self.model.mask_emb.device
-        self.teacher = EMATeacher(self.model.encoder).to(device)
+        device = next(self.model.parameters()).device
+        self.teacher = EMATeacher(self.model.encoder, self.teacher.copied).to(device)
 
     def to(self, device: torch.device) -> "Data2VecTask":
         self.model.to(device)

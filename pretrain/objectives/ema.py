@@ -35,7 +35,10 @@ def build_targets(layer_outputs: list[torch.Tensor], top_k: int, instance_norm: 
 
 
 class EMATeacher:
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, copied: tuple[str, ...] = COPIED_PREFIXES) -> None:
+        """`copied`: parameter-name prefixes copied from the student instead of averaged
+        (data2vec: the positional conv; data2vec 2.0 averages everything)."""
+        self.copied = tuple(copied)
         self.model = copy.deepcopy(encoder).float().eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -48,12 +51,17 @@ class EMATeacher:
     def update(self, student: nn.Module, decay: float) -> None:
         """teacher = decay * teacher + (1 - decay) * student (positional conv: copied)."""
         theirs = dict(student.named_parameters())
+        averaged: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for name, t in self.model.named_parameters():
             s = theirs[name].detach().float()
-            if name.startswith(COPIED_PREFIXES):
+            if self.copied and name.startswith(self.copied):
                 t.copy_(s)
             else:
-                t.mul_(decay).add_(s, alpha=1 - decay)
+                averaged[0].append(t)
+                averaged[1].append(s)
+        if averaged[0]:  # one multi-tensor kernel per op, not two per parameter
+            torch._foreach_mul_(averaged[0], decay)
+            torch._foreach_add_(averaged[0], averaged[1], alpha=1 - decay)
         for (name, t), (_, s) in zip(self.model.named_buffers(), student.named_buffers()):
             t.copy_(s)
 

@@ -286,6 +286,7 @@ ARCH_KEYS = (
     "arch", "conv_feature_layers", "extractor_mode", "conv_bias", "encoder_layers", "encoder_embed_dim",
     "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
     "pos_conv_depth", "latent_vars", "latent_groups", "latent_dim", "final_dim", "head_layers", "vocab_size",
+    "prenet_depth", "decoder_dim", "decoder_kernel", "decoder_layers", "decoder_groups",
 )
 
 
@@ -294,10 +295,14 @@ def _norm(v):
 
 
 def check_architecture(saved: dict, current: dict, where: Path) -> None:
+    from pretrain.config import ModelConfig
+
+    defaults = ModelConfig()  # a key added since the checkpoint was written had its default then
+    saved = {k: saved.get(k, getattr(defaults, k, None)) for k in ARCH_KEYS}
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+        f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k, getattr(defaults, k, None))!r}"
         for k in ARCH_KEYS
-        if _norm(saved.get(k)) != _norm(current.get(k))
+        if _norm(saved.get(k)) != _norm(current.get(k, getattr(defaults, k, None)))
     ]
     if diffs:
         raise CheckpointError(

@@ -32,9 +32,20 @@ def tri_stage(step: int, total: int, lr: float, phases: list, init_scale: float,
     return final_lr
 
 
+def cosine(step: int, warmup: int, total: int, lr: float) -> float:
+    """fairseq `cosine` with warmup_init_lr = min_lr = 0: lr * step / warmup, then
+    lr / 2 * (1 + cos(pi * progress)) over the remaining `total - warmup` updates."""
+    if step < warmup:
+        return lr * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * lr * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     if cfg.schedule == "polynomial_decay":
         return polynomial_decay(step, cfg.warmup_updates, total_steps, cfg.lr, cfg.end_lr, cfg.power)
     if cfg.schedule == "tri_stage":
         return tri_stage(step, total_steps, cfg.lr, cfg.phase_ratio, cfg.init_lr_scale, cfg.final_lr_scale)
-    raise ValueError(f"unknown optim.schedule {cfg.schedule!r}; use polynomial_decay or tri_stage")
+    if cfg.schedule == "cosine":
+        return cosine(step, cfg.warmup_updates, total_steps, cfg.lr)
+    raise ValueError(f"unknown optim.schedule {cfg.schedule!r}; use polynomial_decay, tri_stage or cosine")

@@ -86,7 +86,8 @@ class Trainer:
     def _loader(self, data_dir, split, cfg: LoaderConfig, labels, seed, packed=None) -> AudioLoader:
         source = open_source(data_dir, split, packed=packed)
         label_lines = read_labels(source, labels) if labels else None
-        return AudioLoader(source, cfg, seed=seed, labels=label_lines, rank=self.dist.rank, world_size=self.dist.world_size)
+        return AudioLoader(source, cfg, seed=seed, labels=label_lines, rank=self.dist.rank, world_size=self.dist.world_size,
+                           extras=getattr(self.task, "batch_extras", None))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
