@@ -1,4 +1,4 @@
-"""`python -m finetune`: CTC fine-tuning of a pretrained wav2vec 2.0 / data2vec model on letter labels."""
+"""`python -m finetune`: CTC fine-tuning of a pretrained wav2vec 2.0 / data2vec / data2vec 2.0 model on letter labels."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
     p.add_argument("--preset", default="ctc_10h", help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--init-from", default=None,
-                   help="a pretraining run or checkpoint of ours, a transformers model directory, or a fairseq "
-                        "checkpoint file (wav2vec 2.0 / data2vec-audio, pretrained or CTC fine-tuned)")
+                   help="a pretraining run or checkpoint of ours or its `--format safetensors` export, a transformers "
+                        "model directory, or a fairseq checkpoint file (pretrained or CTC fine-tuned)")
     p.add_argument("--data", type=Path, help="directory written by `python -m data_prep` (with dict.ltr.txt)")
     p.add_argument("--out", type=Path, help="run directory (resumed if it holds a checkpoint)")
     p.add_argument("--train-split", default=None, help="manifest to train on (default: the preset's)")
@@ -53,7 +53,7 @@ def resolve_config(args) -> tuple[FinetuneConfig, object]:
         arch, normalize = saved.model, saved.data.normalize
         cfg.ctc.init_from = saved.ctc.init_from
     elif args.init_from is None:
-        raise ValueError("--init-from is required (a pretraining run, checkpoint or transformers directory)")
+        raise ValueError("--init-from is required (a pretraining run, checkpoint, export or transformers directory)")
     else:
         pretrained = load_pretrained(args.init_from)
         arch, normalize = pretrained.model, pretrained.normalize

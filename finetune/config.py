@@ -46,5 +46,5 @@ class FinetuneConfig(RunConfig):
 ARCHITECTURE_FIELDS = (
     "arch", "conv_feature_layers", "extractor_mode", "conv_bias", "encoder_layers", "encoder_embed_dim",
     "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
-    "pos_conv_depth",
+    "pos_conv_depth", "prenet_depth",
 )

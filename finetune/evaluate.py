@@ -60,6 +60,8 @@ def evaluate_split(model, cfg, decode, data: Path, split: str, limit: int | None
 
 
 def run_dir_of(checkpoint: Path) -> Path:
+    if checkpoint.is_dir():  # an export directory keeps its own evaluations
+        return checkpoint
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m finetune.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file, "
-                                      "or a fairseq CTC checkpoint (.pt)")
+                                      "its `--format safetensors` export, or a fairseq CTC checkpoint (.pt)")
     p.add_argument("--dict", dest="dict_path", default=None,
                    help="a fairseq CTC checkpoint's dict.ltr.txt (default: the one beside it)")
     p.add_argument("--data", type=Path, required=True, help="directory written by `python -m data_prep`")

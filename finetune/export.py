@@ -1,11 +1,14 @@
-"""`python -m finetune.export RUN_OR_CKPT --format hf|fairseq2|fairseq --out DIR`: ship a fine-tuned CTC model.
+"""`python -m finetune.export RUN_OR_CKPT --format hf|fairseq2|fairseq|safetensors --out DIR`: ship a CTC model.
 
 `hf` writes a transformers directory that `Wav2Vec2ForCTC` (or `Data2VecAudioForCTC`) and
 `Wav2Vec2Processor` load. The vocabulary keeps our indices, with the first two names swapped as
 transformers' own fairseq converter does: index 0, the CTC blank, is called `<pad>` there.
 `fairseq2` writes a `wav2vec2_asr` checkpoint and an asset card (`pretrain.interop.fairseq2`).
 `fairseq` writes a `Wav2VecCtc` checkpoint with `dict.ltr.txt` beside it, for fairseq and the tools
-built on it (s3prl). The input may also be a fairseq CTC checkpoint (`--dict` names its dictionary).
+built on it (s3prl). `safetensors` writes our own names and full config, vocabulary included
+(`pretrain.interop.native`): every architecture has it, data2vec 2.0 has no transformers or
+fairseq2 model. The input may also be a fairseq CTC checkpoint (`--dict` names its dictionary) or
+a safetensors export.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 from pathlib import Path
 
 from data_prep.fsutil import atomic_write_text
-from pretrain.export import preprocessor_config, save_safetensors
+from pretrain.export import UnsupportedFormat, check_format, preprocessor_config, save_safetensors
 from pretrain.interop.hf import hf_config, to_hf
 from pretrain.model_card import eval_reports, run_dir_of, step_of, write_model_card
 
@@ -66,8 +69,22 @@ def ctc_card(out: Path, cfg: FinetuneConfig, fmt: str, where: Path, name: str | 
                             name=name)
 
 
+def export_safetensors(checkpoint: str | Path, out: Path, dict_path: str | None = None) -> Path:
+    """`out/model.safetensors` (`w2v.*`, `proj.*`), `out/config.json` (the vocabulary in
+    `ctc.symbols`), `out/README.md`."""
+    from pretrain.interop.native import write_native
+
+    cfg, model, _, where = load_ctc(checkpoint, dict_path=dict_path)
+    step = step_of(where)
+    write_native(out, cfg.to_dict(), model.state_dict(), kind="ctc", step=step, source=str(where))
+    write_model_card(out, cfg, kind="ctc", fmt="safetensors", source=str(where), step=step,
+                     evals=eval_reports(run_dir_of(where), where))
+    return out
+
+
 def export_hf(checkpoint: str | Path, out: Path, dict_path: str | None = None) -> Path:
     cfg, model, dictionary, where = load_ctc(checkpoint, dict_path=dict_path)
+    check_format(cfg.model.arch, "hf")
     _, prefix = HF_CLASSES[cfg.model.arch]
     state = model.state_dict()
     encoder = {k[len("w2v."):]: v for k, v in state.items() if k.startswith("w2v.")}
@@ -93,8 +110,8 @@ def export_hf(checkpoint: str | Path, out: Path, dict_path: str | None = None) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file")
-    p.add_argument("--format", choices=["hf", "fairseq2", "fairseq"], default="hf")
+    p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint), checkpoint file or export")
+    p.add_argument("--format", choices=["hf", "fairseq2", "fairseq", "safetensors"], default="hf")
     p.add_argument("--dict", dest="dict_path", default=None,
                    help="when the input is a fairseq CTC checkpoint: its dict.ltr.txt (default: the one beside it)")
     p.add_argument("--out", type=Path, required=True)
@@ -105,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             path = export_fairseq(args.checkpoint, args.out, args.dict_path)
             print(f"wrote a fairseq Wav2VecCtc checkpoint to {path} and its {path.parent / 'dict.ltr.txt'}; load it with "
                   f"fairseq.checkpoint_utils.load_model_ensemble_and_task([{str(path)!r}])")
+        elif args.format == "safetensors":
+            path = export_safetensors(args.checkpoint, args.out, args.dict_path)
+            print(f"wrote {path / 'model.safetensors'} and its config.json; use it here with "
+                  f"`python -m finetune.transcribe {path} AUDIO...`")
         elif args.format == "hf":
             path = export_hf(args.checkpoint, args.out, args.dict_path)
             print(f"wrote a transformers CTC model to {path}")
@@ -112,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
             from pretrain.interop.fairseq2 import export_fairseq2
 
             cfg, model, dictionary, where = load_ctc(args.checkpoint, dict_path=args.dict_path)
+            check_format(cfg.model.arch, "fairseq2")
             card = export_fairseq2(model.state_dict(), cfg.model, args.out, args.name or args.out.name,
                                    vocab_size=len(dictionary), final_dropout=cfg.ctc.final_dropout)
             ctc_card(args.out, cfg, "fairseq2", where, card.stem)
             print(f"wrote a fairseq2 wav2vec2_asr checkpoint to {args.out}; load it with "
                   f"FAIRSEQ2_USER_ASSET_DIR={args.out} and the asset name {card.stem}")
+    except UnsupportedFormat as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

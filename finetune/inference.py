@@ -54,12 +54,31 @@ def load_fairseq_ctc(path: Path, dict_path: str | Path | None = None) -> tuple[F
     return cfg, model, dictionary
 
 
+def load_native_ctc(path: Path) -> tuple[FinetuneConfig, CTCModel, Dictionary]:
+    """Our `--format safetensors` export of a fine-tuned run (its vocabulary is in its config)."""
+    from pretrain.interop.native import read_native
+
+    native = read_native(path)
+    if native.kind != "ctc":
+        raise ValueError(f"{path} is a pretrained export without a CTC head; fine-tune it first: "
+                         f"python -m finetune --init-from {path} --data DIR --out RUN")
+    cfg = FinetuneConfig.from_dict(native.config)
+    dictionary = Dictionary(cfg.ctc.symbols)
+    model = CTCModel(cfg.model, len(dictionary), cfg.ctc.final_dropout)
+    model.load_state_dict(native.weights)
+    return cfg, model, dictionary
+
+
 def load_ctc(path: str | Path, device: torch.device | str = "cpu",
              dict_path: str | Path | None = None) -> tuple[FinetuneConfig, CTCModel, Dictionary, Path]:
-    """A fine-tuned run or checkpoint of ours, or a fairseq CTC checkpoint file (its vocabulary from
-    the file, `dict_path`, or the dict.ltr.txt beside it)."""
+    """A fine-tuned run or checkpoint of ours or its safetensors export, or a fairseq CTC checkpoint
+    file (its vocabulary from the file, `dict_path`, or the dict.ltr.txt beside it)."""
     from pretrain.interop.fairseq import is_fairseq_file
+    from pretrain.interop.native import is_native_dir
 
+    if is_native_dir(path):
+        cfg, model, dictionary = load_native_ctc(Path(path))
+        return cfg, model.to(device).eval(), dictionary, Path(path).resolve()
     if is_fairseq_file(path):
         cfg, model, dictionary = load_fairseq_ctc(Path(path), dict_path)
         return cfg, model.to(device).eval(), dictionary, Path(path).resolve()

@@ -1,5 +1,5 @@
-"""Where fine-tuning starts from: one of our pretraining (or CTC) runs, a transformers directory, or a
-fairseq checkpoint file."""
+"""Where fine-tuning starts from: one of our pretraining (or CTC) runs, our safetensors export of
+one, a transformers directory, or a fairseq checkpoint file."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Pretrained:
     normalize: bool
     """Whether it was trained on standardised waveforms (fine-tuning must do the same)."""
     weights: dict[str, torch.Tensor]
-    """`Wav2Vec2Model` parameters without pretraining heads."""
+    """The pretrained model's parameters (`CTCModel.w2v`) without pretraining heads."""
     where: str
 
 
@@ -54,6 +54,15 @@ def _from_checkpoint(path: Path) -> Pretrained:
     return Pretrained(cfg.model, cfg.data.normalize, _encoder_only(weights), str(ckpt.resolve(path)))
 
 
+def _from_native(path: Path) -> Pretrained:
+    """Our `--format safetensors` export, pretrained or fine-tuned (its encoder)."""
+    from pretrain.interop.native import encoder_weights, read_native
+
+    native = read_native(path)
+    cfg = native.run_config()
+    return Pretrained(cfg.model, cfg.data.normalize, _encoder_only(encoder_weights(native)), str(native.where))
+
+
 def _from_fairseq(path: Path) -> Pretrained:
     """A fairseq wav2vec 2.0 / data2vec-audio checkpoint, pretrained or CTC fine-tuned (its encoder)."""
     from pretrain.interop.fairseq import read_fairseq
@@ -64,10 +73,13 @@ def _from_fairseq(path: Path) -> Pretrained:
 
 def load_pretrained(source: str | Path) -> Pretrained:
     from pretrain.interop.fairseq import is_fairseq_file
+    from pretrain.interop.native import is_native_dir
 
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"--init-from {path} does not exist")
+    if is_native_dir(path):  # before the transformers check: both have a config.json
+        return _from_native(path)
     if path.is_dir() and (path / "config.json").exists() and not (path / "checkpoints").exists():
         return _from_hf_dir(path)
     if is_fairseq_file(path):

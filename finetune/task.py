@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -81,7 +82,7 @@ class CTCTask(Task):
             channel_mask = torch.from_numpy(
                 compute_mask_indices(shape, None, c.mask_channel_prob, c.mask_channel_length, rng)
             ).to(src.device)
-        draws = torch.from_numpy(rng.random(m.encoder_layers))
+        draws = torch.from_numpy(rng.random(self.model.num_layers))
         logits, frame_pad = model(src, pad, time_mask, channel_mask, draws, frozen=self.frozen)
         lengths = self.model.output_lengths(logits, frame_pad)
         loss = ctc_loss(logits, lengths, targets)
@@ -131,4 +132,5 @@ class CTCTask(Task):
             )
 
     def train_flops_per_audio_second(self) -> float:
-        return train_flops_per_audio_second(self.cfg.model)
+        # every block counts, data2vec 2.0's prenet included
+        return train_flops_per_audio_second(dataclasses.replace(self.cfg.model, encoder_layers=self.model.num_layers))

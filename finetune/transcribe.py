@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.transcribe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a fine-tuned run directory (its best checkpoint) or checkpoint file, "
-                                      "or a fairseq CTC checkpoint (.pt)")
+                                      "its `--format safetensors` export, or a fairseq CTC checkpoint (.pt)")
     p.add_argument("--dict", dest="dict_path", default=None,
                    help="a fairseq CTC checkpoint's dict.ltr.txt (default: the one beside it)")
     p.add_argument("audio", nargs="+", help="audio files")

@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("--init-from", type=Path, default=None, help="start from a transformers model directory or a fairseq checkpoint file (.pt)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from a transformers model directory, a fairseq checkpoint file (.pt) "
+                        "or a `--format safetensors` export")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--describe", action="store_true", help="print the resolved config and parameter count, then exit")
     return p

@@ -18,6 +18,8 @@ _FROM_HF_FIELDS = (
     "encoder_ffn_embed_dim", "encoder_attention_heads", "layer_norm_first", "conv_pos", "conv_pos_groups",
     "pos_conv_depth", "latent_vars", "latent_groups", "latent_dim", "final_dim",
 )
+#: and what a data2vec 2.0 file decides besides (transformers has no such model)
+_DATA2VEC2_FIELDS = ("prenet_depth", "decoder_dim", "decoder_kernel", "decoder_layers", "decoder_groups")
 
 
 def build_task(cfg: ModelConfig) -> Task:
@@ -80,11 +82,15 @@ def load_hf_weights(task: Task, weights: dict[str, torch.Tensor], hf_dir: Path) 
 
 
 def init_source(cfg: RunConfig, path: Path) -> Callable[[Task], None]:
-    """Adopt the architecture of `--init-from` (a transformers directory or a fairseq checkpoint
-    file) into `cfg`, keeping the preset's training settings; return what loads its weights."""
+    """Adopt the architecture of `--init-from` (a transformers directory, a fairseq checkpoint
+    file, or our own safetensors export) into `cfg`, keeping the preset's training settings;
+    return what loads its weights."""
     from pretrain.interop.fairseq import is_fairseq_file
+    from pretrain.interop.native import init_from_native, is_native_dir
 
     path = Path(path)
+    if is_native_dir(path):
+        return init_from_native(cfg, path)
     if not is_fairseq_file(path):
         hf, weights = read_hf_dir(path)
         apply_hf_architecture(cfg, hf)
@@ -95,7 +101,7 @@ def init_source(cfg: RunConfig, path: Path) -> Callable[[Task], None]:
     if theirs.model.arch != cfg.model.arch:
         raise ValueError(f"--init-from {path} is a fairseq {theirs.model.arch} model but preset {cfg.preset} trains "
                          f"{cfg.model.arch}; pick a matching preset")
-    for name in _FROM_HF_FIELDS:
+    for name in _FROM_HF_FIELDS + (_DATA2VEC2_FIELDS if theirs.model.arch == "data2vec2" else ()):
         setattr(cfg.model, name, getattr(theirs.model, name))
     if theirs.normalize != cfg.data.normalize:
         print(f"note: {path} was trained with data.normalize={theirs.normalize}; continuing with the same")
@@ -110,15 +116,24 @@ def load_fairseq_weights(task: Task, theirs, path: Path) -> None:
 
     strict = theirs.kind == "pretrain"
     missing, unexpected = task.model.load_state_dict(theirs.weights, strict=False)
-    heads = ("quantizer.", "project_q.", "final_proj.", "regression_head.")
+    heads = ("quantizer.", "project_q.", "final_proj.", "regression_head.", "decoder.")
     really_missing = [k for k in missing if strict or not k.startswith(heads)]
     if really_missing or unexpected:
         raise ValueError(f"{path} does not fit this architecture: missing {really_missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if hasattr(task, "reset_teacher"):
         task.reset_teacher()
-        if theirs.teacher:  # fairseq's `_ema`: encoder-relative names, no positional conv (copied from the student)
-            ours = from_fairseq_weights({f"encoder.{k}": v for k, v in theirs.teacher.items()})
-            state = task.teacher.state_dict()
-            state.update({k[len("encoder."):]: v.to(state[k[len("encoder."):]].dtype) for k, v in ours.items()})
-            task.teacher.load_state_dict(state)
+        if not theirs.teacher:
+            return
+        state = task.teacher.state_dict()
+        if theirs.model.arch == "data2vec2":  # already our encoder's names, and the whole teacher
+            ours = theirs.teacher
+            if ours.keys() != state.keys():
+                missing, unexpected = sorted(state.keys() - ours.keys()), sorted(ours.keys() - state.keys())
+                raise ValueError(f"the teacher (`_ema`) in {path} does not fit this architecture: missing "
+                                 f"{missing[:5]}, unexpected {unexpected[:5]}")
+        else:  # fairseq's `_ema`: encoder-relative names, no positional conv (copied from the student)
+            full = from_fairseq_weights({f"encoder.{k}": v for k, v in theirs.teacher.items()})
+            ours = {k[len("encoder."):]: v for k, v in full.items()}
+        state.update({k: v.to(state[k].dtype) for k, v in ours.items()})
+        task.teacher.load_state_dict(state)

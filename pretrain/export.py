@@ -1,11 +1,13 @@
-"""`python -m pretrain.export RUN_OR_CKPT --format hf|fairseq2|fairseq --out DIR`: ship a pretrained model.
+"""`python -m pretrain.export RUN_OR_CKPT --format hf|fairseq2|fairseq|safetensors --out DIR`: ship a pretrained model.
 
 `hf`: a transformers model directory. wav2vec 2.0 runs export as `Wav2Vec2ForPreTraining`
 (encoder, quantizer and heads); data2vec runs as `Data2VecAudioModel` (the student encoder;
 transformers has no data2vec pretraining head). `fairseq2`: a fairseq2 checkpoint with its asset
 card (`pretrain.interop.fairseq2`). `fairseq`: `DIR/checkpoint.pt`, a fairseq `Wav2Vec2Model` /
-`Data2VecAudioModel` checkpoint (`pretrain.interop.fairseq_write`). The input may also be a fairseq
-pretraining checkpoint file, to convert it.
+`Data2VecAudioModel` checkpoint (`pretrain.interop.fairseq_write`). `safetensors`: our own names
+and full config (`pretrain.interop.native`), for every architecture; the only one data2vec 2.0
+has besides fairseq, as transformers and fairseq2 have no such model. The input may also be a
+fairseq pretraining checkpoint file, or a safetensors export, to convert it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ def preprocessor_config(normalize: bool, layer_norm_extractor: bool) -> dict:
     }
 
 
+class UnsupportedFormat(ValueError):
+    """The target library has no model of this architecture (nothing is written)."""
+
+
+#: formats whose library has no model of an architecture, and why
+_NO_MODEL = {("data2vec2", "hf"): "transformers has no data2vec 2.0 model",
+             ("data2vec2", "fairseq2"): "fairseq2 has no data2vec 2.0 model"}
+
+
+def check_format(arch: str, fmt: str) -> None:
+    """Raise UnsupportedFormat, in one line, when `fmt` cannot hold an `arch` model."""
+    why = _NO_MODEL.get((arch, fmt))
+    if why:
+        raise UnsupportedFormat(f"{why}, so this {arch} run cannot be exported with --format {fmt}; "
+                                "use --format safetensors (this project's own format) instead")
+
+
 @dataclass
 class Pretrained:
     """A pretraining model to export: its config, weights, data2vec teacher and update count."""
@@ -52,9 +71,15 @@ class Pretrained:
 
 
 def load_pretrained(checkpoint_path: str | Path) -> Pretrained:
-    """Our pretraining run or checkpoint, or a fairseq pretraining checkpoint file."""
+    """Our pretraining run or checkpoint or its safetensors export, or a fairseq pretraining checkpoint file."""
     from pretrain.interop.fairseq import is_fairseq_file
+    from pretrain.interop.native import is_native_dir, read_native
 
+    if is_native_dir(checkpoint_path):
+        native = read_native(checkpoint_path)
+        if native.kind != "pretrain":
+            raise ValueError(f"{checkpoint_path} is a fine-tuned CTC export: use `python -m finetune.export`")
+        return Pretrained(native.run_config(), native.weights, native.teacher, native.step, str(native.where))
     if is_fairseq_file(checkpoint_path):
         from pretrain.build import build_task, load_fairseq_weights
         from pretrain.interop.fairseq import read_fairseq
@@ -87,10 +112,21 @@ def export_fairseq(checkpoint_path: str | Path, out: Path) -> Path:
     return path
 
 
+def export_safetensors(checkpoint_path: str | Path, out: Path) -> Path:
+    """`out/model.safetensors` (the teacher, if any, under `teacher.`), `out/config.json`, `out/README.md`."""
+    from pretrain.interop.native import write_native
+
+    p = load_pretrained(checkpoint_path)
+    write_native(out, p.cfg.to_dict(), p.weights, kind="pretrain", step=p.step, source=p.source, teacher=p.teacher)
+    write_model_card(out, p.cfg, kind="pretrained", fmt="safetensors", source=p.source, step=p.step)
+    return out
+
+
 def export_hf(checkpoint_path: str | Path, out: Path) -> Path:
     p = load_pretrained(checkpoint_path)
     cfg = p.cfg
     m = cfg.model
+    check_format(m.arch, "hf")
     weights = dict(p.weights)
     if m.arch == "data2vec":
         weights = {k: v for k, v in weights.items() if not k.startswith(("final_proj.", "regression_head."))}
@@ -118,7 +154,7 @@ def save_safetensors(weights: dict[str, torch.Tensor], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its last checkpoint)")
-    p.add_argument("--format", choices=["hf", "fairseq2", "fairseq"], default="hf")
+    p.add_argument("--format", choices=["hf", "fairseq2", "fairseq", "safetensors"], default="hf")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--name", default=None, help="fairseq2 asset name (default: the output directory's name)")
     args = p.parse_args(argv)
@@ -126,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "hf":
             path = export_hf(args.checkpoint, args.out)
             print(f"wrote a transformers model to {path}")
+        elif args.format == "safetensors":
+            path = export_safetensors(args.checkpoint, args.out)
+            print(f"wrote {path / 'model.safetensors'} and its config.json; use it here with --init-from {path}")
         elif args.format == "fairseq":
             path = export_fairseq(args.checkpoint, args.out)
             print(f"wrote a fairseq checkpoint to {path}; load it with "
@@ -134,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             card = export_fairseq2_run(args.checkpoint, args.out, args.name or args.out.name)
             print(f"wrote a fairseq2 wav2vec2 checkpoint to {args.out}; load it with "
                   f"FAIRSEQ2_USER_ASSET_DIR={args.out} and the asset name {card.stem}")
+    except UnsupportedFormat as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -144,6 +186,7 @@ def export_fairseq2_run(checkpoint_path: str | Path, out: Path, name: str) -> Pa
     from pretrain.interop.fairseq2 import export_fairseq2
 
     p = load_pretrained(checkpoint_path)
+    check_format(p.cfg.model.arch, "fairseq2")
     card = export_fairseq2(p.weights, p.cfg.model, out, name, step=p.step)
     write_model_card(out, p.cfg, kind="pretrained", fmt="fairseq2", source=p.source, step=p.step, name=name)
     return card

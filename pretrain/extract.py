@@ -2,7 +2,8 @@
 
 Each utterance is encoded whole, without masking or dropout, and saved as `DIR/<utterance id>.npy`
 (frames x dim, float32). By default that is the final encoder output (transformers'
-`last_hidden_state`); `--layer L` takes the output of transformer layer L (1-based) instead.
+`last_hidden_state`); `--layer L` takes the output of transformer layer L (1-based) instead
+(data2vec 2.0 numbers its prenet blocks first).
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ from pretrain.training import checkpoint as ckpt
 
 
 def load_encoder(checkpoint_path: str | Path, device: torch.device):
-    """Our run or checkpoint, or a fairseq checkpoint file (pretrained or CTC: its encoder)."""
+    """Our run or checkpoint, our safetensors export (pretrained, or CTC: its encoder), or a fairseq
+    checkpoint file (pretrained or CTC: its encoder)."""
     from pretrain.interop.fairseq import is_fairseq_file
+    from pretrain.interop.native import is_native_dir, load_native_weights, read_native
 
+    if is_native_dir(checkpoint_path):
+        native = read_native(checkpoint_path)
+        cfg = native.run_config()
+        task = build_task(cfg.model)
+        load_native_weights(task, native)
+        return cfg, task.model.to(device).eval()
     if is_fairseq_file(checkpoint_path):
         from pretrain.build import load_fairseq_weights
         from pretrain.interop.fairseq import read_fairseq
@@ -46,7 +55,7 @@ def load_encoder(checkpoint_path: str | Path, device: torch.device):
 def encode(model, wave: np.ndarray, device: torch.device, layer: int | None = None) -> np.ndarray:
     source = torch.from_numpy(wave).to(device)[None]
     front = model.frontend(source)
-    n = model.cfg.encoder_layers
+    n = len(model.encoder.layers)  # data2vec 2.0 counts its prenet blocks too
     if layer is not None and not 1 <= layer <= n:
         raise ValueError(f"--layer must be between 1 and {n}")
     x, _ = model.encoder(front.features, None, num_layers=layer if layer not in (None, n) else None)
@@ -55,7 +64,8 @@ def encode(model, wave: np.ndarray, device: torch.device, layer: int | None = No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.extract", description=__doc__)
-    p.add_argument("checkpoint", help="a checkpoint file, or a run directory (its last checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint file, a run directory (its last checkpoint), a "
+                                      "`--format safetensors` export or a fairseq checkpoint file")
     p.add_argument("--manifest", type=Path, required=True, help="a fairseq manifest (.tsv)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--layer", type=int, default=None)

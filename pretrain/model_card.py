@@ -3,7 +3,7 @@
 YAML front matter (language, datasets, tags, license; for CTC models a `model-index` with the
 WER/CER we measured and on which split), then what the model is, how it was trained (read back
 from the run: preset, updates, hours of audio, GPUs, final losses), how to load it in
-transformers, fairseq, fairseq2 and here, and the 16 kHz note.
+transformers, fairseq, fairseq2 and here (those that have the architecture), and the 16 kHz note.
 """
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ from data_prep.fsutil import atomic_write_text
 from pretrain.config import RunConfig
 
 PAPERS = {"wav2vec2": ("wav2vec 2.0", "https://arxiv.org/abs/2006.11477"),
-          "data2vec": ("data2vec", "https://arxiv.org/abs/2202.03555")}
+          "data2vec": ("data2vec", "https://arxiv.org/abs/2202.03555"),
+          "data2vec2": ("data2vec 2.0", "https://arxiv.org/abs/2212.07525")}
+TAGS = {"wav2vec2": "wav2vec2", "data2vec": "data2vec-audio", "data2vec2": "data2vec2"}
+#: the export formats each architecture has (transformers and fairseq2 have no data2vec 2.0 model)
+FORMATS = {"wav2vec2": ("hf", "fairseq2", "fairseq", "safetensors"), "data2vec": ("hf", "fairseq", "safetensors"),
+           "data2vec2": ("fairseq", "safetensors")}
+_LIBRARIES = {"hf": "transformers", "fairseq": "fairseq", "fairseq2": "fairseq2"}
+_FAIRSEQ_NAMES = {"wav2vec2": "wav2vec 2.0", "data2vec": "data2vec-audio", "data2vec2": "data2vec 2.0"}
 _SPLITS = {"dev": "validation", "test": "test", "train": "train", "valid": "validation"}
 
 
@@ -102,6 +109,11 @@ def _model_index(name: str, evals: list[dict], datasets: list[str]) -> list[str]
 
 def _params(cfg: RunConfig) -> str:
     m = cfg.model
+    if m.arch == "data2vec2":
+        blocks = f"{m.prenet_depth} + {m.encoder_layers}" if m.prenet_depth else f"{m.encoder_layers}"
+        return (f"{blocks} transformer blocks of width {m.encoder_embed_dim} ({m.encoder_attention_heads} heads, "
+                f"FFN {m.encoder_ffn_embed_dim}) with ALiBi attention biases, post-LN, "
+                f"{'LayerNorm' if m.extractor_mode == 'layer_norm' else 'GroupNorm'} conv feature encoder")
     return (f"{m.encoder_layers} transformer layers of width {m.encoder_embed_dim} ({m.encoder_attention_heads} heads, "
             f"FFN {m.encoder_ffn_embed_dim}), {'pre' if m.layer_norm_first else 'post'}-LN, "
             f"{'LayerNorm' if m.extractor_mode == 'layer_norm' else 'GroupNorm'} conv feature encoder")
@@ -122,10 +134,36 @@ def _usage(fmt: str, kind: str, arch: str, out: Path) -> list[str]:
     if fmt == "fairseq":
         return ["```python", "from fairseq import checkpoint_utils", "",
                 f"models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([{str(out / 'checkpoint.pt')!r}])",
-                "```"] + (["data2vec-audio needs fairseq's `examples/data2vec` as a user dir "
-                           "(`fairseq.utils.import_user_module`) before loading."] if arch == "data2vec" else [])
+                "```"] + ([f"{_FAIRSEQ_NAMES[arch]} needs fairseq's `examples/data2vec` as a user dir "
+                           "(`fairseq.utils.import_user_module`) before loading."] if arch != "wav2vec2" else [])
+    if fmt == "safetensors":
+        return _native_usage(kind, arch, out)
     return ["```python", "from fairseq2.models.hub import load_model  # with FAIRSEQ2_USER_ASSET_DIR set to this directory",
             f"model = load_model({out.name!r})", "```"]
+
+
+def _native_usage(kind: str, arch: str, out: Path) -> list[str]:
+    where = str(out)
+    if kind == "ctc":
+        load = ["from finetune.decoder import GreedyDecoder", "from finetune.inference import emissions, load_ctc", "",
+                f"cfg, model, dictionary, _ = load_ctc({where!r})",
+                "text = GreedyDecoder(dictionary)(emissions(model, audio_16khz, cfg.data.normalize))"]
+    else:
+        load = ["from pretrain.extract import encode, load_encoder", "",
+                f"cfg, model = load_encoder({where!r}, 'cpu')",
+                "features = encode(model, audio_16khz, 'cpu')  # standardise the audio first if cfg.data.normalize"]
+    teacher = " (the EMA teacher's encoder under the `teacher.` prefix)" if kind != "ctc" and arch != "wav2vec2" else ""
+    vocab = " and the vocabulary in `ctc.symbols`" if kind == "ctc" else ""
+    lines = [(f"This project's own format: `model.safetensors` holds the state dict under its parameter "
+              f"names{teacher}; `config.json` holds the run's full config with "
+              f"`\"format\": \"speech-pretrain-safetensors\"`, `kind`, `step`{vocab}."), ""]
+    if arch == "data2vec2":
+        lines += [("transformers and fairseq2 have no data2vec 2.0 model, so no transformers class loads this; "
+                   "load it with this project (a checkout on `PYTHONPATH`):"), ""]
+    else:
+        lines += ["Load it with this project (a checkout on `PYTHONPATH`):", ""]
+    reader = "Any safetensors reader gets the tensors: `safetensors.torch.load_file(\"model.safetensors\")`."
+    return lines + ["```python", *load, "```", "", reader]
 
 
 def write_model_card(out: Path, cfg: RunConfig, *, kind: str, fmt: str, source: str, step: int,
@@ -140,11 +178,12 @@ def write_model_card(out: Path, cfg: RunConfig, *, kind: str, fmt: str, source: 
     datasets = _datasets(data, synthetic)
     info = _json(run / "run.json") if run else {}
     train_row, valid_row = _last_rows(run) if run else ({}, {})
-    tags = ["speech", "audio", arch.replace("data2vec", "data2vec-audio"), "self-supervised-learning"]
+    tags = ["speech", "audio", TAGS[arch], "self-supervised-learning"]
     if kind == "ctc":
         tags += ["automatic-speech-recognition", "ctc"]
-    front = ["---", "language: en", "license: apache-2.0", "library_name: " + {"hf": "transformers", "fairseq": "fairseq",
-             "fairseq2": "fairseq2"}[fmt], "datasets:" + ("" if datasets else " []")]
+    front = ["---", "language: en", "license: apache-2.0"]
+    front += [f"library_name: {_LIBRARIES[fmt]}"] if fmt in _LIBRARIES else []  # our own format has no library
+    front += ["datasets:" + ("" if datasets else " []")]
     front += [f"- {d}" for d in datasets] + ["tags:"] + [f"- {t}" for t in tags]
     if kind == "ctc" and evals:
         front += _model_index(name, evals, datasets)
@@ -178,7 +217,7 @@ def write_model_card(out: Path, cfg: RunConfig, *, kind: str, fmt: str, source: 
             for split, r in report.get("splits", {}).items():
                 body.append(f"| {split} | {report.get('decoder', 'greedy')} | {r['wer']:.2f} | {r['cer']:.2f} |")
     exporter = "finetune.export" if kind == "ctc" else "pretrain.export"
-    others = [f for f in ("hf", "fairseq2", "fairseq") if f != fmt and not (f == "fairseq2" and arch == "data2vec")]
+    others = [f for f in FORMATS[arch] if f != fmt]
     body += ["", "## Usage", ""] + _usage(fmt, kind, arch, out) + [
         "", "The same model in the other formats: " + ", ".join(
             f"`python -m {exporter} {source} --format {f} --out DIR`" for f in others) + "."] + [
@@ -204,8 +243,11 @@ def eval_reports(run: Path | None, checkpoint: str | Path | None = None) -> list
 
 
 def step_of(checkpoint: str | Path) -> int:
-    """The update count in a checkpoint file name of ours (`step_00000600.pt`), else 0."""
+    """The update count in a checkpoint file name of ours (`step_00000600.pt`), or the one a
+    safetensors export records, else 0."""
     import re
 
+    if Path(checkpoint).is_dir():
+        return int(_json(Path(checkpoint) / "config.json").get("step") or 0)
     m = re.search(r"step_(\d+)", Path(checkpoint).name)
     return int(m.group(1)) if m else 0

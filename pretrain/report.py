@@ -46,6 +46,8 @@ def config_rows(run: Run) -> list[tuple[str, str]]:
     d, o, t = (c.get(k, {}) for k in ("data", "optim", "train"))
     objective = {"ctc": "CTC fine-tuning", "data2vec": "data2vec (EMA teacher regression)",
                  "wav2vec2": "wav2vec 2.0 (contrastive, quantized targets)"}[run.kind]
+    if m.get("arch") == "data2vec2":
+        objective = f"data2vec 2.0 (EMA teacher regression, {m.get('clone_batch')} masks per teacher pass)"
     if c.get("ctc", {}).get("init_from"):
         objective += f" of {c['ctc']['init_from']}"
     rows = [("run", str(run.path.resolve())), ("preset", c.get("preset", "? (no config.json)")), ("objective", objective)]
@@ -75,7 +77,7 @@ def numbers(run: Run) -> list[tuple[str, str]]:
             step, best = min(pts, key=lambda p: p[1])
             out.append((f"best {label}", f"{best:.4g} at step {step} (last {pts[-1][1]:.4g})"))
     for key in ("loss_per_token", "accuracy", "prob_perplexity", "code_perplexity", "temperature",
-                "target_energy", "target_var", "pred_var", "ema_decay"):
+                "target_energy", "target_var", "pred_var", "ema_decay", "masked_pct"):
         if shown := [f"{split} {run.values(key, split)[-1]:.4g}" for split in ("train", "valid") if run.has(key, split)]:
             of = f" of {run.codes} codes" if "perplexity" in key and run.codes else ""
             out.append((f"final {key.replace('_', ' ')}", ", ".join(shown) + of))

@@ -100,3 +100,27 @@ def test_activation_checkpointing_with_layerdrop_under_ddp(prepared, tmp_path):
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     for (_, la), (_, lb) in zip(a, b):
         assert abs(la - lb) <= 1e-4 * abs(la), (a, b)
+
+
+@pytest.mark.slow
+def test_data2vec2_under_ddp_matches_update_freq_two(prepared, tmp_path):
+    """The loader draws each batch's masks from (seed, epoch, batch), whichever rank reads it: two
+    ranks train as one process with update_freq 2 (losses, masks, teachers)."""
+    import torch
+
+    from pretrain.training import checkpoint as ckpt
+
+    common = ["-m", "pretrain", "--preset", "data2vec2_tiny", "--data", str(prepared), "--max-steps", "4",
+              "--set", "train.log_interval=1", "--set", "train.valid_interval=1000", "--device", "cpu"]
+    run_single_and_ddp(common, tmp_path)
+    rows = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    a, b = rows
+    assert [(r["split"], r["step"]) for r in a] == [(r["split"], r["step"]) for r in b]
+    assert [r["step"] for r in a if r["split"] == "train"] == [1, 2, 3, 4]
+    for r, s in zip(a, b):  # validation too
+        assert abs(r["loss"] - s["loss"]) <= 1e-4 * abs(r["loss"]), (r, s)
+        assert r["masked_pct"] == pytest.approx(s["masked_pct"], abs=1e-6), (r, s)
+    t1, t2 = ckpt.load(tmp_path / "one")["task"]["teacher"], ckpt.load(tmp_path / "two")["task"]["teacher"]
+    assert set(t1) == set(t2) and "alibi_scale" in t1
+    for k, v in t1.items():
+        assert torch.allclose(v, t2[k], rtol=1e-4, atol=1e-6), k

@@ -1,10 +1,12 @@
-"""fairseq checkpoints (`.pt`) of wav2vec 2.0, data2vec-audio and their CTC fine-tunings, read without fairseq.
+"""fairseq checkpoints (`.pt`) of wav2vec 2.0, data2vec-audio, data2vec 2.0 (audio) and their CTC
+fine-tunings, read without fairseq.
 
 A fairseq checkpoint pickles its configuration either as an argparse `Namespace` under `args`
 (fairseq <= 0.10: `wav2vec_small.pt`, `libri960_big.pt`, the `*_960h.pt` of that time) or as a
 nested dict (once an omegaconf `DictConfig`) under `cfg`. Models we read: `wav2vec2`,
-`data2vec_audio`, and `wav2vec_ctc` around either; the weights map one to one onto ours (fairseq
-keeps q/k/v apart where we fuse them, and names the modules of its `nn.Sequential`s by index).
+`data2vec_audio`, `data2vec_multi` (data2vec 2.0, `pretrain.interop.fairseq_data2vec2`) and
+`wav2vec_ctc` around any of them; the weights map one to one onto ours (fairseq keeps q/k/v apart
+where we fuse them, and names the modules of its `nn.Sequential`s by index).
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from pathlib import Path
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.interop.keymap import rename_from, split_qkv
+from pretrain.interop.keymap import eval_conv, rename_from, split_qkv
 
-SUPPORTED = ("wav2vec2", "data2vec_audio", "wav2vec_ctc")
+SUPPORTED = ("wav2vec2", "data2vec_audio", "data2vec_multi", "wav2vec_ctc")
 #: what other fairseq speech models are, for the refusal message
 OTHER_MODELS = {
     "hubert": "HuBERT", "hubert_ctc": "a HuBERT CTC fine-tuning", "hubert_seq2seq": "a HuBERT seq2seq model",
     "wav2vec": "wav2vec 1.0 / vq-wav2vec", "wav2vec_seq2seq": "a wav2vec 2.0 seq2seq (encoder-decoder) model",
-    "data2vec_multi": "data2vec 2.0", "wav2vec2_laser": "a wav2vec 2.0 LASER model",
+    "wav2vec2_laser": "a wav2vec 2.0 LASER model",
     "wav2vec_classification": "a wav2vec 2.0 classifier",
 }
 
@@ -246,16 +248,6 @@ def model_config_from_fairseq(model: dict, arch: str, pretraining: bool = True) 
     return c
 
 
-def eval_conv(text: str) -> list:
-    """fairseq's `conv_feature_layers` string, e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4 + ...", evaluated
-    with nothing but list arithmetic allowed."""
-    tree = ast.parse(text, mode="eval")
-    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant, ast.Load)
-    if not all(isinstance(node, allowed) for node in ast.walk(tree)):
-        raise ValueError(f"conv_feature_layers {text!r} is not a list expression")
-    return eval(compile(tree, "<conv_feature_layers>", "eval"), {"__builtins__": {}})  # noqa: S307 - checked above
-
-
 @dataclass
 class FairseqModel:
     """What a fairseq checkpoint holds, in our terms."""
@@ -270,7 +262,8 @@ class FairseqModel:
     symbols: list[str] | None = None
     """CTC vocabulary, index order (from the checkpoint, `--dict` or the dict.ltr.txt beside it)."""
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
-    """data2vec: the EMA teacher's encoder parameters (fairseq's `_ema`), encoder-relative fairseq names."""
+    """The EMA teacher (fairseq's `_ema`). data2vec: its encoder parameters in encoder-relative fairseq
+    names; data2vec 2.0: the state of our `Data2Vec2Encoder` (our names)."""
     num_updates: int = 0
 
 
@@ -279,9 +272,11 @@ def _model_name(model: dict, task: dict, path: Path) -> str:
     if name in SUPPORTED:
         return name
     if name in OTHER_MODELS:
-        raise ValueError(f"{path} is {OTHER_MODELS[name]} (fairseq model {name!r}); only wav2vec 2.0, data2vec-audio "
-                         "and their CTC fine-tunings (wav2vec2, data2vec_audio, wav2vec_ctc) can be read")
-    raise ValueError(f"{path} is a fairseq {name!r} model; only wav2vec2, data2vec_audio and wav2vec_ctc can be read")
+        raise ValueError(f"{path} is {OTHER_MODELS[name]} (fairseq model {name!r}); only wav2vec 2.0, data2vec-audio, "
+                         "data2vec 2.0 audio and their CTC fine-tunings (wav2vec2, data2vec_audio, data2vec_multi, "
+                         "wav2vec_ctc) can be read")
+    raise ValueError(f"{path} is a fairseq {name!r} model; only wav2vec2, data2vec_audio, data2vec_multi and "
+                     "wav2vec_ctc can be read")
 
 
 def read_fairseq(path: str | Path, dict_path: str | Path | None = None) -> FairseqModel:
@@ -295,6 +290,11 @@ def read_fairseq(path: str | Path, dict_path: str | Path | None = None) -> Fairs
     history = state.get("optimizer_history") or [{}]
     updates = int(history[-1].get("num_updates", 0) or 0)
     weights = dict(state["model"])
+    if name == "data2vec_multi":
+        from pretrain.interop.fairseq_data2vec2 import read_pretrained
+
+        model, normalize, ours, teacher = read_pretrained(weights, model_cfg, task_cfg, path)
+        return FairseqModel("pretrain", model, normalize, ours, teacher=teacher, num_updates=updates)
     if name != "wav2vec_ctc":
         teacher = weights.pop("_ema", None) or {}
         weights = {("final_proj." + k[len("final_proj.0."):] if k.startswith("final_proj.0.") else k): v
@@ -322,8 +322,14 @@ def read_fairseq(path: str | Path, dict_path: str | Path | None = None) -> Fairs
     normalize = bool(model_cfg.get("normalize", inner_task.get("normalize", False)))
     proj = (weights["w2v_encoder.proj.weight"].float(), weights["w2v_encoder.proj.bias"].float())
     symbols = _ctc_symbols(state, path, dict_path, task_cfg.get("labels") or "ltr", proj[0].shape[0])
-    return FairseqModel("ctc", model_config_from_fairseq(inner_model, inner_name, pretraining=False), normalize,
-                        from_fairseq_weights(encoder), proj, symbols, num_updates=updates)
+    if inner_name == "data2vec_multi":
+        from pretrain.interop.fairseq_data2vec2 import read_encoder
+
+        model, encoder = read_encoder(encoder, inner_model, path)
+    else:
+        model = model_config_from_fairseq(inner_model, inner_name, pretraining=False)
+        encoder = from_fairseq_weights(encoder)
+    return FairseqModel("ctc", model, normalize, encoder, proj, symbols, num_updates=updates)
 
 
 def _loss_weights(state: dict) -> list[float] | None:

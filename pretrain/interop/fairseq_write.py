@@ -15,6 +15,7 @@ import torch
 
 from data_prep.fsutil import atomic_write_text, atomic_write_with
 from pretrain.config import ModelConfig
+from pretrain.interop import fairseq_data2vec2 as d2v2
 from pretrain.interop.fairseq import FAIRSEQ_DEFAULTS, to_fairseq_weights
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
@@ -31,7 +32,10 @@ def task_section(name: str, data: str, normalize: bool, labels: str | None = Non
 
 
 def model_section(m: ModelConfig) -> dict:
-    """fairseq's `Wav2Vec2Config` (`_name` wav2vec2) or `Data2VecAudioConfig` (`_name` data2vec_audio)."""
+    """fairseq's `Wav2Vec2Config` (`_name` wav2vec2), `Data2VecAudioConfig` (`_name` data2vec_audio)
+    or `Data2VecMultiConfig` (`_name` data2vec_multi)."""
+    if m.arch == "data2vec2":
+        return d2v2.model_section(m)
     section = {name: getattr(m, name) for name in FAIRSEQ_DEFAULTS}
     section["latent_temp"] = [float(x) for x in m.latent_temp]
     # fairseq evaluates this string; a list of tuples reads back as the same layers
@@ -70,26 +74,34 @@ def _fp32(weights: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
 def write_pretrained(path: Path, m: ModelConfig, weights: dict[str, torch.Tensor], normalize: bool,
                      num_updates: int = 0, teacher: dict[str, torch.Tensor] | None = None,
                      max_sample_size: int | None = None, min_sample_size: int | None = None) -> Path:
-    """A fairseq `Wav2Vec2Model` / `Data2VecAudioModel` checkpoint from our pretraining weights.
+    """A fairseq `Wav2Vec2Model` / `Data2VecAudioModel` / `Data2VecMultiModel` checkpoint from our
+    pretraining weights.
 
     `teacher`: our data2vec teacher's encoder state, saved as fairseq's `_ema` (encoder-relative
     names, positional convolution included: fairseq restores its teacher from `_ema` over a copy of
     a freshly initialised encoder, so whatever `_ema` leaves out stays random). Without a teacher,
     `_ema` is the student's encoder, where fairseq's teacher starts. A pretrained data2vec file
-    must have `_ema` for fairseq to load it.
+    must have `_ema` for fairseq to load it. data2vec 2.0 (audio) is written the same way.
     """
-    fs = to_fairseq_weights(weights, m.extractor_mode)
-    if m.arch == "data2vec":
+    if m.arch == "data2vec2":
+        fs = d2v2.to_fairseq_weights(weights, m.prenet_depth, m.extractor_mode)
+        source = teacher or {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+        fs = dict(_fp32(fs), _ema=dict(_fp32(d2v2.teacher_to_fairseq(source, m.prenet_depth))))
+    elif m.arch == "data2vec":
+        fs = to_fairseq_weights(weights, m.extractor_mode)
         source = teacher or {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
         full = to_fairseq_weights({f"encoder.{k}": v for k, v in source.items()}, m.extractor_mode)
         ema = {k[len("encoder."):]: v for k, v in full.items()}
         fs = dict(_fp32(fs), _ema=dict(_fp32(ema)))
     else:
-        fs = _fp32(fs)
+        fs = _fp32(to_fairseq_weights(weights, m.extractor_mode))
+    task = task_section("audio_pretraining", str(path.parent.resolve()), normalize, None, max_sample_size,
+                        min_sample_size)
+    if m.arch == "data2vec2":  # fairseq's main branch only: the loader draws the masks, as in its recipes
+        task["precompute_mask_config"] = d2v2.precompute_mask_config(m)
     cfg = {
         "_name": None,
-        "task": task_section("audio_pretraining", str(path.parent.resolve()), normalize, None, max_sample_size,
-                             min_sample_size),
+        "task": task,
         "model": model_section(m),
         "criterion": {"_name": "wav2vec", "infonce": True, "loss_weights": [m.diversity_weight, m.feature_pen_weight],
                       "log_keys": ["prob_perplexity", "code_perplexity", "temp"]} if m.arch == "wav2vec2" else
@@ -121,7 +133,13 @@ def write_ctc(path: Path, m: ModelConfig, encoder: dict[str, torch.Tensor], proj
     if proj[0].shape[0] != len(symbols):
         raise ValueError(f"{len(symbols)} symbols for an output layer of {proj[0].shape[0]}")
     data = str(path.parent.resolve())
-    inner = {f"w2v_encoder.w2v_model.{k}": v for k, v in to_fairseq_weights(encoder, m.extractor_mode).items()}
+    if m.arch == "data2vec2":
+        if not normalize:  # fairseq asserts it for data2vec 2.0 encoders
+            raise ValueError("fairseq fine-tunes data2vec 2.0 on normalised audio only (data.normalize=true)")
+        fs = d2v2.to_fairseq_weights(encoder, m.prenet_depth, m.extractor_mode)
+    else:
+        fs = to_fairseq_weights(encoder, m.extractor_mode)
+    inner = {f"w2v_encoder.w2v_model.{k}": v for k, v in fs.items()}
     weights = _fp32(dict(inner, **{"w2v_encoder.proj.weight": proj[0], "w2v_encoder.proj.bias": proj[1]}))
     pretraining = {"_name": None, "task": task_section("audio_pretraining", data, normalize),
                    "model": model_section(m), "criterion": None, "lr_scheduler": None}

@@ -1,4 +1,5 @@
-"""Renaming state-dict keys between our models and other libraries' by regex rules.
+"""Renaming state-dict keys between our models and other libraries' by regex rules, and reading
+fairseq's conv-spec strings.
 
 Every library keeps attention's q/k/v projections apart where we fuse them into one
 `qkv_proj`, so both directions also split or join those.
@@ -6,6 +7,7 @@ Every library keeps attention's q/k/v projections apart where we fuse them into 
 
 from __future__ import annotations
 
+import ast
 import re
 
 import torch
@@ -47,3 +49,13 @@ def split_qkv(key: str, value: torch.Tensor, template: str) -> dict[str, torch.T
     layer, kind = m.groups()
     return {template.format(layer=layer, name=name, kind=kind): part.clone()
             for name, part in zip("qkv", value.chunk(3, dim=0))}
+
+
+def eval_conv(text: str) -> list:
+    """fairseq's `conv_feature_layers` string, e.g. "[(512, 10, 5)] + [(512, 3, 2)] * 4 + ...", evaluated
+    with nothing but list arithmetic allowed."""
+    tree = ast.parse(text, mode="eval")
+    allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant, ast.Load)
+    if not all(isinstance(node, allowed) for node in ast.walk(tree)):
+        raise ValueError(f"conv_feature_layers {text!r} is not a list expression")
+    return eval(compile(tree, "<conv_feature_layers>", "eval"), {"__builtins__": {}})  # noqa: S307 - checked above

@@ -96,4 +96,5 @@ def kept_frames(mask: np.ndarray) -> torch.Tensor:
         return torch.zeros((0, mask.shape[1]), dtype=torch.long)
     num_keep = mask.shape[1] - int(mask[0].sum())
     order = np.argsort(mask, axis=1, kind="stable")  # unmasked (False) first, each group in time order
-    return torch.from_numpy(np.ascontiguousarray(order[:, :num_keep]).astype(np.int64))
+    # a row with more masked frames than row 0 keeps some masked ones too: sort them into place
+    return torch.from_numpy(np.sort(order[:, :num_keep], axis=1).astype(np.int64))

@@ -74,6 +74,14 @@ class Data2Vec2Task(Data2VecTask):
                 "masked_pct": 1.0 - keep.shape[1] / mask.shape[1]}
         return LossRecord(loss, n, logs)
 
+    def valid_step(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
+        # the decoder's mask noise comes from torch's generator, which validation does not reseed:
+        # seed it from the batch's rng, so the loss does not depend on the ranks or on what ran before
+        device = self.model.post_extract_proj.weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(rng.integers(2**62)))
+            return self._run(model, batch, rng, check=False)
+
     def summarize(self, sums: dict[str, float], count: int) -> dict[str, float]:
         out = super().summarize(sums, count)
         out["masked_pct"] = sums.get("masked_pct", 0.0) / max(count, 1)

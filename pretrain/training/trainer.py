@@ -24,6 +24,7 @@ from pretrain.models.flops import peak_flops
 from pretrain.objectives.task import Task, TrainingError
 from pretrain.training import checkpoint as ckpt
 from pretrain.training.metrics import MetricLogger
+from pretrain.training.optimizer import build_optimizer
 from pretrain.training.schedule import lr_at
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,7 @@ class Trainer:
                 task.model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=layerdrop > 0 or getattr(task, "has_unused_parameters", False),
             )
-        params = [p for p in task.model.parameters() if p.requires_grad]
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = build_optimizer(task.model, cfg.optim, device)
         self.scaler = torch.amp.GradScaler(device.type, init_scale=t.fp16_init_scale, enabled=self.precision == "fp16")
         self.train_loader = self._loader(data_dir, t.train_split, cfg.data, labels, t.seed)
         valid_cfg = dataclasses.replace(cfg.data, shuffle=False, num_workers=0)

@@ -1,0 +1,22 @@
+"""AdamW with decoupled weight decay (fairseq `adam`), built the same way for every stage."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """One group with weight decay on everything (`optim.decay_all`, fairseq's behaviour), or a
+    second group without decay for 1-D parameters (biases, norms, ALiBi scales). On CUDA the fused
+    kernel updates all parameters in a few launches; elsewhere PyTorch's multi-tensor default."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.decay_all:
+        groups = [{"params": [p for _, p in named]}]
+    else:
+        groups = [{"params": [p for _, p in named if p.ndim > 1]},
+                  {"params": [p for _, p in named if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda" or None)
