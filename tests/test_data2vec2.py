@@ -362,3 +362,18 @@ def test_sigkill_resume_reproduces_run_and_teacher(prepared, tmp_path):
     t_ref, t_run = ckpt.load(ref)["task"]["teacher"], ckpt.load(run)["task"]["teacher"]
     assert set(t_ref) == set(t_run) and "alibi_scale" in t_ref
     assert all(torch.equal(t_ref[k], t_run[k]) for k in t_ref)
+
+
+def test_alt_block_drops_the_ffn_output_too():
+    """fairseq's AltBlock MLP applies activation_dropout after fc2 as well (fine-tuning uses 0.1)."""
+    from pretrain.models.data2vec2 import AltBlock
+    from pretrain.models.encoder import EncoderLayer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 32)
+    alt = AltBlock(32, 64, 4, 0.0, 0.0, 0.5, layer_norm_first=False).train()
+    plain = EncoderLayer(32, 64, 4, 0.0, 0.0, 0.5, layer_norm_first=False).train()
+    zeros = (alt._ffn(x) == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6
+    assert (plain._ffn(x) == 0).float().mean().item() < 0.01
+    assert torch.equal(alt.eval()._ffn(x), EncoderLayer._ffn(alt, x))  # eval: no dropout anywhere

@@ -27,6 +27,14 @@ from pretrain.models.position import StackedPositionalConv
 from pretrain.models.wav2vec2 import ConvFrontend
 
 
+class AltBlock(EncoderLayer):
+    """fairseq's `AltBlock` (post-LN): `EncoderLayer`, except that the MLP applies its dropout
+    (`activation_dropout`) after fc2 as well, inside the FFN output that becomes a target."""
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(super()._ffn(x), self.activation_dropout, self.training)
+
+
 class Data2Vec2Encoder(nn.Module):
     """Positional conv -> (gather kept frames) -> LayerNorm -> dropout -> prenet + main blocks, every
     block with the same ALiBi bias. Blocks are post-LN (fairseq `AltBlock` with layer_norm_first
@@ -41,8 +49,8 @@ class Data2Vec2Encoder(nn.Module):
         self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(heads)), persistent=False)
         self.layer_norm = nn.LayerNorm(dim)
         self.layers = nn.ModuleList(
-            EncoderLayer(dim, cfg.encoder_ffn_embed_dim, heads, cfg.dropout, cfg.attention_dropout,
-                         cfg.activation_dropout, layer_norm_first=False)
+            AltBlock(dim, cfg.encoder_ffn_embed_dim, heads, cfg.dropout, cfg.attention_dropout,
+                     cfg.activation_dropout, layer_norm_first=False)
             for _ in range(cfg.prenet_depth + cfg.encoder_layers)
         )
         self.prenet_depth = cfg.prenet_depth
