@@ -29,7 +29,7 @@ def test_tri_stage_phases():
     assert math.isclose(tri_stage(750, 1000, 1.0, phases, 0.01, 0.05), math.sqrt(0.05))  # exponential decay
     assert math.isclose(tri_stage(1000, 1000, 1.0, phases, 0.01, 0.05), 0.05)
     with pytest.raises(ValueError):
-        lr_at(1, OptimConfig(schedule="cosine"), 10)
+        lr_at(1, OptimConfig(schedule="inverse_sqrt"), 10)
 
 
 def test_overrides_are_typed_and_checked():
