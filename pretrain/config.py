@@ -156,6 +156,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer layer's activations in the backward pass instead of storing them:
     less memory (a larger batch fits) for about a third more compute; gradients are unchanged."""
+    compile: bool = False
+    """Run the transformer blocks (student, teacher, CTC encoder) as `torch.compile` graphs with
+    symbolic batch and time sizes: one compile serves every layer and batch length
+    (`pretrain.models.compiled`). Needs inductor: a C++ compiler on CPUs, Triton on GPUs."""
     reference_batch: int = 0
     """GPUs x update_freq of the published recipe (0: none); a run with another product is warned."""
 

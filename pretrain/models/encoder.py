@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.models.compiled import compiled_block
 from pretrain.models.ops import attention, dropout
 from pretrain.models.position import make_positional_conv
 
@@ -42,6 +43,9 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    use_compiled = False
+    """Run through the shared `torch.compile` graph (`train.compile`; see `pretrain.models.compiled`)."""
+
     def __init__(
         self,
         dim: int,
@@ -68,6 +72,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, FFN output before dropout and residual)."""
+        if self.use_compiled and not torch.compiler.is_compiling():
+            return compiled_block()(self, x, attn_mask)  # which calls back here, traced
         if self.layer_norm_first:
             x = x + dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask), self.dropout, self.training)
             ffn = self._ffn(self.final_layer_norm(x))

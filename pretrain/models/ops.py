@@ -58,7 +58,8 @@ class _ZeroWhere(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    # inside a compiled graph the stock op wins: inductor draws its mask in the fused kernel
+    if x.device.type != "cpu" or p >= 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, True)
     return _MaskedScale.apply(x, _keep_mask(x.shape, p), 1.0 / (1.0 - p))
 
@@ -68,8 +69,9 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with dropout on the weights; (B, H, T, d) tensors.
 
-    attn_mask: bool (True = attend) or an additive float bias, broadcastable to (B, H, T, T)."""
-    if not training or p == 0.0 or q.device.type != "cpu":
+    attn_mask: bool (True = attend) or an additive float bias, broadcastable to (B, H, T, T).
+    Inside a compiled graph (`train.compile`) this is `scaled_dot_product_attention`, which inductor lowers."""
+    if not training or p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p if training else 0.0)
     b, h, t, d = q.shape
     # 3-D bmm on (B*H, T, d): its backward reads the transposed weights in place, where a 4-D

@@ -19,6 +19,7 @@ from data_prep.loader import AudioLoader, LoaderConfig
 from data_prep.sources import open_source, read_labels
 from pretrain.config import RunConfig, batch_summary, dumps
 from pretrain.distributed import DistInfo, all_reduce_sum
+from pretrain.models.compiled import compile_task
 from pretrain.models.encoder import set_activation_checkpointing
 from pretrain.models.flops import peak_flops
 from pretrain.objectives.task import Task, TrainingError
@@ -54,6 +55,7 @@ class Trainer:
         seed_all(t.seed + self.dist.rank)
         task.to(device)
         set_activation_checkpointing(task.model, t.activation_checkpointing)
+        compile_task(task, t.compile, device)
         self.model: nn.Module = task.model
         self.ddp = self.dist.world_size > 1
         if self.ddp:
