@@ -12,7 +12,9 @@ its side does less work than ours). Variants:
 - `eager`: the default model;
 - `compiled`: `train.compile` (transformer blocks as torch.compile graphs);
 - `checkpointed`: `train.activation_checkpointing`;
-- `fsdp`: `train.parallelism=fsdp`, reported as unavailable while the engine has no FSDP.
+- `fsdp`: `train.parallelism=fsdp` (FSDP2) on a one-rank process group: on one device it measures
+  what the sharding machinery costs (all-gathers, reduce-scatters and the mixed-precision casts
+  become copies), not what sharding saves on many.
 GPUs run under bf16 autocast, CPUs in fp32; LayerDrop is off so every step does the same work.
 `--max-batch` (CUDA) doubles the batch until a step runs out of memory, then bisects.
 Results go to `benchmarks/results/train_throughput-<device>.json` with the device name.
@@ -60,12 +62,12 @@ def _ours(preset: str, variant: str, device):
     from pretrain.presets import get_preset
     from pretrain.training.optimizer import build_optimizer
 
-    if variant == "fsdp":
-        raise Unavailable("train.parallelism=fsdp is not implemented yet")
     cfg = get_preset(preset)
     cfg.model.encoder_layerdrop = 0.0
     task = build_task(cfg.model).to(device)
     set_activation_checkpointing(task.model, variant == "checkpointed")
+    if variant == "fsdp":
+        _shard_one_rank(task, device)
     if variant == "compiled":
         try:
             from pretrain.models.compiled import compile_task
@@ -86,6 +88,25 @@ def _ours(preset: str, variant: str, device):
         task.after_update(count[0])
 
     return cfg, task.train_flops_per_audio_second(), step
+
+
+def _shard_one_rank(task, device) -> None:
+    """`train.parallelism=fsdp` as the trainer applies it, on a process group of one rank."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from pretrain.distributed import DistInfo
+    from pretrain.training import parallel
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    parallel.fully_shard_task(task, device, DistInfo(0, 1, 0), "bf16" if device.type == "cuda" else "fp32")
 
 
 def _transformers(preset: str, device):

@@ -82,7 +82,11 @@ class Batch:
     """A stand-in for a rank with no batch left this epoch: run it, but give it weight zero."""
     lengths: torch.Tensor = field(default=None)  # type: ignore[assignment]
     extras: dict | None = None
-    """Tensors the loader's `extras` hook drew for this batch (e.g. data2vec 2.0's masks)."""
+    """What the loader's `extras` hook drew for this batch (e.g. data2vec 2.0's masks): tensors,
+    moved and pinned with the batch, and plain numbers counted on the host."""
+    audio_samples: int | None = None
+    """Real (unpadded) samples, counted where the batch is made, so the training step never reads
+    `lengths` back from a device."""
 
     def __post_init__(self) -> None:
         if self.lengths is None:
@@ -90,22 +94,29 @@ class Batch:
                 self.lengths = torch.full((len(self.source),), self.source.shape[1], dtype=torch.long)
             else:
                 self.lengths = (~self.padding_mask).sum(1)
+        if self.audio_samples is None:
+            self.audio_samples = int(self.lengths.sum())
 
     @property
     def num_samples(self) -> int:
-        return 0 if self.is_dummy else int(self.lengths.sum())
+        return 0 if self.is_dummy else self.audio_samples
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        extras = None if self.extras is None else {k: move(v) for k, v in self.extras.items()}
+        extras = None if self.extras is None else {k: _tensors(move, v) for k, v in self.extras.items()}
         return Batch(move(self.source), move(self.padding_mask), self.indices, self.labels, self.is_dummy,
-                     move(self.lengths), extras)
+                     move(self.lengths), extras, self.audio_samples)
 
     def pin_memory(self) -> "Batch":
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        extras = None if self.extras is None else {k: pin(v) for k, v in self.extras.items()}
+        extras = None if self.extras is None else {k: _tensors(pin, v) for k, v in self.extras.items()}
         return Batch(pin(self.source), pin(self.padding_mask), self.indices, self.labels, self.is_dummy,
-                     pin(self.lengths), extras)
+                     pin(self.lengths), extras, self.audio_samples)
+
+
+def _tensors(fn, value):
+    """`fn` on a tensor; plain values in extras (counts made on the host) pass as they are."""
+    return fn(value) if isinstance(value, torch.Tensor) else value
 
 
 def collate(
@@ -250,7 +261,8 @@ class AudioLoader:
         order = order[keep[order]]
         if len(order) == 0:
             raise ValueError(
-                f"no utterance of {len(sizes)} is at least min_sample_size={cfg.min_sample_size} samples long"
+                f"no utterance of {len(sizes)} is at least min_sample_size={cfg.min_sample_size} samples long "
+                f"and fits in max_tokens={cfg.max_tokens} (after cropping to max_sample_size={cfg.max_sample_size})"
             )
         self.batches = batch_by_size(
             order, num_tokens, cfg.max_tokens, cfg.max_batch_size, cfg.required_batch_size_multiple

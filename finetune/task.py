@@ -87,7 +87,7 @@ class CTCTask(Task):
         lengths = self.model.output_lengths(logits, frame_pad)
         loss = ctc_loss(logits, lengths, targets)
         n = len(targets)
-        logs = {"loss": float(loss.detach()), "sample_size": float(n), "ntokens": float(sum(map(len, targets)))}
+        logs = {"loss": loss.detach(), "sample_size": float(n), "ntokens": float(sum(map(len, targets)))}
         return LossRecord(loss, n, logs)
 
     @torch.no_grad()

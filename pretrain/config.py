@@ -131,6 +131,8 @@ class OptimConfig:
 
 #: `train.precision` values: autocast dtypes, plus fp32 for none
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: `train.parallelism` values: how the model is spread over several ranks
+PARALLELISMS = ("ddp", "fsdp")
 
 
 @dataclass
@@ -141,6 +143,9 @@ class TrainConfig:
     """Micro-batches accumulated per update (simulates update_freq x more GPUs)."""
     precision: str = "fp16"
     """One of `PRECISIONS`: `fp16` (dynamic loss scaling), `bf16` or `fp32`; on a CPU, fp16 falls back to fp32."""
+    bf16_for_fp16: bool = True
+    """On a GPU with bf16 (Ampere and later), train a run set to fp16 (fairseq's recipes, written for
+    V100s) in bf16: as fast, with no loss scaling and no overflow skips. false keeps fp16."""
     fp16_init_scale: float = 128.0
     seed: int = 1
     log_interval: int = 200
@@ -162,11 +167,17 @@ class TrainConfig:
     (`pretrain.models.compiled`). Needs inductor: a C++ compiler on CPUs, Triton on GPUs."""
     reference_batch: int = 0
     """GPUs x update_freq of the published recipe (0: none); a run with another product is warned."""
+    parallelism: str = "ddp"
+    """One of `PARALLELISMS`, used on several ranks: `ddp` keeps a whole copy of the model, its
+    gradients and optimizer state on every rank; `fsdp` (FSDP2, `fully_shard` per transformer block)
+    shards all three, and the EMA teacher, over the ranks (`pretrain.training.parallel`)."""
 
     def validate(self) -> None:
         """Raise ValueError for a value the trainer would only trip over later (after data loading)."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.parallelism not in PARALLELISMS:
+            raise ValueError(f"train.parallelism must be one of {', '.join(PARALLELISMS)}, got {self.parallelism!r}")
 
 
 def batch_summary(world_size: int, update_freq: int, max_tokens: int, reference: int = 0) -> tuple[str, str | None]:

@@ -57,3 +57,52 @@ def test_attention_dropout_is_the_math_formula_with_that_mask():
         assert torch.allclose(a.grad, r.grad, atol=1e-10)
     assert torch.allclose(attention(q, k, v, mask, 0.25, training=False),
                           F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-12)
+
+
+def test_channels_last_convolution_equals_conv1d():
+    from pretrain.models.conv_matmul import conv1d_channels_last
+
+    torch.manual_seed(0)
+    # im2col path (C * k <= 64) and strided-run path, k < s, k = s, k > s, k not a multiple of s
+    for t, c, co, k, s in [(400, 1, 8, 10, 5), (101, 3, 5, 3, 2), (101, 40, 5, 3, 2), (100, 70, 6, 2, 2),
+                           (90, 33, 4, 2, 3), (60, 30, 4, 7, 3), (30, 40, 2, 1, 1)]:
+        x = torch.randn(2, c, t, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(co, c, k, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(co, dtype=torch.float64, requires_grad=True)
+        y, ref = conv1d_channels_last(x.transpose(1, 2), w, b, s).transpose(1, 2), F.conv1d(x, w, b, stride=s)
+        assert torch.allclose(y, ref, atol=1e-12)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(y, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g)):
+            assert torch.allclose(a, r, atol=1e-12)
+
+
+def test_time_norm_equals_group_norm():
+    from pretrain.models.feature_extractor import _TimeNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3000, 16, dtype=torch.float64) + 3).requires_grad_()  # an offset, chunked sums
+    w, b = torch.randn(16, dtype=torch.float64, requires_grad=True), torch.randn(16, dtype=torch.float64, requires_grad=True)
+    y, ref = _TimeNorm.apply(x, w, b, 1e-5), F.group_norm(x.transpose(1, 2), 16, w, b, 1e-5).transpose(1, 2)
+    assert torch.allclose(y, ref, atol=1e-12)
+    g = torch.randn_like(y)
+    for a, r in zip(torch.autograd.grad(y, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g)):
+        assert torch.allclose(a, r, atol=1e-10)
+
+
+def test_packed_self_attention_equals_attention():
+    from pretrain.models.ops import self_attention
+
+    qkv = torch.randn(2, 7, 3 * 3 * 4, dtype=torch.float64)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    g = torch.randn(2, 7, 12, dtype=torch.float64)
+    x1, x2 = qkv.clone().requires_grad_(), qkv.clone().requires_grad_()
+    torch.manual_seed(3)
+    y1 = self_attention(x1, 3, mask, 0.25, True)
+    q, k, v = x2.view(2, 7, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    torch.manual_seed(3)
+    y2 = attention(q, k, v, mask, 0.25, True).transpose(1, 2).reshape(2, 7, 12)
+    assert torch.equal(y1, y2)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-12)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pretrain.config import ModelConfig
+from pretrain.models.masked_select import select_masked
 from pretrain.models.wav2vec2 import Wav2Vec2Model
 
 
@@ -37,9 +38,13 @@ class Data2VecModel(Wav2Vec2Model):
         padding_mask: torch.Tensor | None = None,
         mask_indices: torch.Tensor | None = None,
         layer_drop_draws: torch.Tensor | None = None,
+        num_masked: int | None = None,
     ) -> Data2VecOutput:
+        """num_masked: the mask's True count, known on the host (saves reading it back)."""
         front = self.frontend(source, padding_mask)
         x = self.apply_mask(front.features, mask_indices)
         x, _ = self.encoder(x, front.padding_mask, layer_drop_draws)
-        preds = self.final_proj(x[mask_indices]) if mask_indices is not None else self.final_proj(x)
+        if mask_indices is not None:
+            x = select_masked(x, mask_indices, num_masked)
+        preds = self.final_proj(x)
         return Data2VecOutput(preds, front.projected.detach(), front.padding_mask, x)

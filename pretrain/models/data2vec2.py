@@ -18,10 +18,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
+from pretrain.models import layerdrop
 from pretrain.models.alibi import alibi_bias, alibi_slopes
 from pretrain.models.decoder1d import Decoder1d
 from pretrain.models.encoder import EncoderLayer, init_bert_params
 from pretrain.models.feature_extractor import FeatureExtractor
+from pretrain.models.masked_select import select_masked
 from pretrain.models.ops import dropout
 from pretrain.models.position import StackedPositionalConv
 from pretrain.models.wav2vec2 import ConvFrontend
@@ -92,10 +94,12 @@ class Data2Vec2Encoder(nn.Module):
         x = dropout(self.layer_norm(x), self.dropout, self.training)
         ffn_outputs: list[torch.Tensor] = []
         stop = len(self.layers) if num_layers is None else num_layers
+        drops = layerdrop.plan(self, layer_drop_draws, stop)  # ranks agree under FSDP (see there)
         for i, layer in enumerate(self.layers[:stop]):
-            if self.training and self.layerdrop > 0 and layer_drop_draws is not None:
-                if float(layer_drop_draws[i]) < self.layerdrop:
-                    continue
+            if drops[i] != layerdrop.RUN:
+                if drops[i] == layerdrop.GHOST:
+                    x = x + layerdrop.ghost(layer, x, bias)
+                continue
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, ffn = checkpoint(layer, x, bias, use_reentrant=False)
             else:
@@ -144,9 +148,11 @@ class Data2Vec2Model(ConvFrontend, nn.Module):
         mask: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
         layer_drop_draws: torch.Tensor | None = None,
+        num_masked: int | None = None,
     ) -> Data2Vec2Output:
         """mask: (B * clone_batch, T) bool, rows utterance-major; keep: (B * clone_batch, T_keep)
-        the frames each row encodes (`pretrain.objectives.block_mask`)."""
+        the frames each row encodes (`pretrain.objectives.block_mask`); num_masked: the mask's True
+        count, known on the host (saves reading it back)."""
         front = self.frontend(source, padding_mask)
         clones = mask.shape[0] // front.features.shape[0]
         x = front.features.repeat_interleave(clones, 0)
@@ -156,5 +162,5 @@ class Data2Vec2Model(ConvFrontend, nn.Module):
         y = dropout(enc, self.cfg.decoder_dropout, self.training)
         full = torch.randn(x.shape, device=y.device, dtype=y.dtype) * self.cfg.mask_noise_std
         full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y)
-        preds = self.decoder(full)[mask]
+        preds = select_masked(self.decoder(full), mask, num_masked)
         return Data2Vec2Output(preds, front.projected.detach(), front.padding_mask, enc)

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.models import layerdrop
 from pretrain.models.compiled import compiled_block
-from pretrain.models.ops import attention, dropout
+from pretrain.models.ops import dropout, self_attention
 from pretrain.models.position import make_positional_conv
 
 
@@ -36,10 +37,8 @@ class SelfAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv_proj(x).view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = attention(q, k, v, attn_mask, self.dropout, self.training)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        y = self_attention(self.qkv_proj(x), self.num_heads, attn_mask, self.dropout, self.training)
+        return self.out_proj(y)
 
 
 class EncoderLayer(nn.Module):
@@ -143,10 +142,12 @@ class TransformerEncoder(nn.Module):
         x = dropout(x, self.dropout, self.training)
         ffn_outputs: list[torch.Tensor] = []
         stop = len(self.layers) if num_layers is None else num_layers
+        drops = layerdrop.plan(self, layer_drop_draws, stop)  # ranks agree under FSDP (see there)
         for i, layer in enumerate(self.layers[:stop]):
-            if self.training and self.layerdrop > 0 and layer_drop_draws is not None:
-                if float(layer_drop_draws[i]) < self.layerdrop:
-                    continue
+            if drops[i] != layerdrop.RUN:
+                if drops[i] == layerdrop.GHOST:
+                    x = x + layerdrop.ghost(layer, x, attn_mask)
+                continue
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # non-reentrant: works with DDP and with layers LayerDrop skips (no grad-less inputs
                 # trick); the RNG state is replayed, so the recomputed dropout masks are the same

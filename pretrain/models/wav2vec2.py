@@ -14,6 +14,7 @@ from torch import nn
 from pretrain.config import ModelConfig
 from pretrain.models.encoder import TransformerEncoder
 from pretrain.models.feature_extractor import FeatureExtractor
+from pretrain.models.masked_select import select_masked
 from pretrain.models.ops import dropout
 from pretrain.models.quantizer import GumbelQuantizer, QuantizerOutput
 
@@ -139,12 +140,11 @@ class Wav2Vec2Model(ConvFrontend, nn.Module):
         x, _ = self.encoder(x, front.padding_mask, layer_drop_draws)
         if mask_indices is None or negatives is None:
             return Wav2Vec2Output(None, front.features_pen, None, x, front.padding_mask)
-        b, t = mask_indices.shape
-        m = int(mask_indices[0].sum())
-        y = front.unmasked[mask_indices].view(b, m, -1)
+        b, m = negatives.shape[:2]  # every row has m masked frames; counted on the host, not read back
+        y = select_masked(front.unmasked, mask_indices, b * m).view(b, m, -1)
         q = self.quantizer(y)
         targets = self.project_q(q.x)
-        preds = self.final_proj(x[mask_indices].view(b, m, -1))
+        preds = self.final_proj(select_masked(x, mask_indices, b * m).view(b, m, -1))
         logits = contrastive_logits(preds, targets, negatives, self.cfg.logit_temp)
         return Wav2Vec2Output(logits, front.features_pen, q, x, front.padding_mask, preds, targets)
 
@@ -178,14 +178,17 @@ def contrastive_logits(
     return logits.masked_fill(torch.cat([torch.zeros_like(same[..., :1]), same], dim=-1), float("-inf"))
 
 
-def _identical_rows(targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """(B, M, K) True where targets[b, negatives[b, m, k]] == targets[b, m] exactly."""
+def _identical_rows(targets: torch.Tensor, negatives: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+    """(B, M, K) True where targets[b, negatives[b, m, k]] == targets[b, m] exactly. `dense`
+    (default: off the CPU) compares every pair: picking candidates out would stall a GPU."""
     b, m, k = negatives.shape
     flat = targets.reshape(b * m, -1)
     rows = (torch.arange(b, device=negatives.device)[:, None, None] * m + negatives).reshape(-1)
     own = torch.arange(b * m, device=negatives.device).repeat_interleave(k)
-    # Compare a cheap fingerprint first, then only the candidate pairs element by element.
     fingerprint = flat.float().sum(-1)
+    if flat.device.type != "cpu" if dense is None else dense:
+        return ((fingerprint[rows] == fingerprint[own]) & (flat[rows] == flat[own]).all(-1)).view(b, m, k)
+    # CPUs: compare a cheap fingerprint first, then only the candidate pairs element by element
     cand = (fingerprint[rows] == fingerprint[own]).nonzero(as_tuple=True)[0]
     same = torch.zeros(b * m * k, dtype=torch.bool, device=negatives.device)
     if len(cand):

@@ -86,7 +86,8 @@ class BlockMasker:
         mask = np.concatenate(blocks) if blocks else np.zeros((0, num_frames), dtype=bool)
         if self.exact_after_crop:
             equalize(mask, int(num_frames * self.mask_prob), rng)
-        return {"mask": torch.from_numpy(np.ascontiguousarray(mask)), "keep": kept_frames(mask)}
+        return {"mask": torch.from_numpy(np.ascontiguousarray(mask)), "keep": kept_frames(mask),
+                "masked_total": int(mask.sum())}  # an int: the step sizes its gathers without a read
 
 
 def kept_frames(mask: np.ndarray) -> torch.Tensor:

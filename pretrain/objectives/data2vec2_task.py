@@ -17,8 +17,14 @@ from pretrain.config import ModelConfig
 from pretrain.distributed import all_reduce_sum
 from pretrain.models.data2vec2 import Data2Vec2Model
 from pretrain.models.flops import forward_flops_per_audio_second
+from pretrain.models.masked_select import select_masked
 from pretrain.objectives.block_mask import BlockMasker
-from pretrain.objectives.data2vec_loss import default_scale, mean_std, regression_loss, std_stats
+from pretrain.objectives.data2vec_loss import (
+    default_scale,
+    mean_std,
+    regression_loss,
+    std_stats,
+)
 from pretrain.objectives.data2vec_task import Data2VecTask
 from pretrain.objectives.ema import EMATeacher, ema_decay_at
 from pretrain.objectives.task import LossRecord
@@ -43,33 +49,35 @@ class Data2Vec2Task(Data2VecTask):
         self.batch_extras = masker_for(cfg)
         """Run by the loader for every batch (in its worker processes)."""
 
-    def _masks(self, batch: Batch, rng: np.random.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masks(self, batch: Batch, rng: np.random.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(mask, keep) on the device and the masked count, counted on the host (CPU tensors)."""
         extras = batch.extras
         if extras is None:  # a batch from elsewhere (tests, tools): draw with the step's generator
             extras = self.batch_extras(batch.source, [int(n) for n in batch.lengths], rng)
-        return extras["mask"].to(device, non_blocking=True), extras["keep"].to(device, non_blocking=True)
+        mask, keep = extras["mask"], extras["keep"]
+        return mask.to(device, non_blocking=True), keep.to(device, non_blocking=True), extras.get("masked_total")
 
     def _run(self, model: nn.Module, batch: Batch, rng: np.random.Generator, check: bool) -> LossRecord:
         c = self.cfg
         device = self.model.post_extract_proj.weight.device
         src = batch.source.to(device, non_blocking=True)
         pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
-        mask, keep = self._masks(batch, rng, device)
+        mask, keep, n = self._masks(batch, rng, device)
         draws = torch.from_numpy(rng.random(c.prenet_depth + c.encoder_layers))
-        out = model(src, pad, mask, keep, draws)
+        out = model(src, pad, mask, keep, draws, num_masked=n)
         clones = mask.shape[0] // src.shape[0]
         y = self.teacher.targets(out.teacher_input, out.padding_mask, c.average_top_k_layers, c.instance_norm_target_layer)
-        y = y.repeat_interleave(clones, 0)[mask]  # one teacher pass serves every clone
+        y = select_masked(y.repeat_interleave(clones, 0), mask, n)  # one teacher pass serves every clone
         scale = default_scale(c)
         loss = regression_loss(out.predictions, y, c.loss_beta, scale)
         with torch.no_grad():
             stats = all_reduce_sum(torch.stack([std_stats(y), std_stats(out.predictions.detach())]))
         target_std, pred_std = mean_std(stats[0]), mean_std(stats[1])
         if check and self.num_updates > c.collapse_check_after:
-            self._check_collapse(target_std, pred_std)
-        n = int(mask.sum())
-        energy = float(regression_loss(torch.zeros_like(y[:1]).expand_as(y), y, c.loss_beta, scale))
-        logs = {"loss": float(loss.detach()), "sample_size": float(n), "target_energy": energy,
+            self._watch_collapse(target_std, pred_std)
+        energy = regression_loss(torch.zeros_like(y[:1]).expand_as(y), y, c.loss_beta, scale)
+        n = mask.sum() if n is None else n
+        logs = {"loss": loss.detach(), "sample_size": n, "target_energy": energy,
                 "target_var": target_std, "pred_var": pred_std, "ema_decay": self.decay,
                 "masked_pct": 1.0 - keep.shape[1] / mask.shape[1]}
         return LossRecord(loss, n, logs)

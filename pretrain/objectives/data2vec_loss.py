@@ -30,9 +30,10 @@ def std_stats(y: torch.Tensor) -> torch.Tensor:
     return torch.cat([y.new_tensor([y.shape[0]]), y.sum(0), (y * y).sum(0)])
 
 
-def mean_std(stats: torch.Tensor) -> float:
-    """fairseq `compute_var`: mean over dimensions of sqrt(unbiased variance + 1e-6)."""
+def mean_std(stats: torch.Tensor) -> torch.Tensor:
+    """fairseq `compute_var`: mean over dimensions of sqrt(unbiased variance + 1e-6); a 0-d
+    tensor on the statistics' device (reading it on the host would stall the step)."""
     d = (stats.numel() - 1) // 2
     n, s, ss = stats[0], stats[1 : 1 + d], stats[1 + d :]
     var = ss / (n - 1) - s * s / (n * (n - 1))
-    return float(torch.sqrt(var.clamp_min(0) + 1e-6).mean())
+    return torch.sqrt(var.clamp_min(0) + 1e-6).mean()

@@ -4,6 +4,10 @@ As in fairseq (`ema_transformer_only`, `ema_layers_only`): only the encoder is a
 conv feature encoder and projection are shared with the student), the positional convolution
 is copied from the student at every update instead of averaged, and the average is kept in
 fp32 whatever precision the student trains in.
+
+Under FSDP (`train.parallelism=fsdp`) the trainer shards the teacher as it shards the student:
+each rank averages its own shards (the same slices of the same parameters, no communication)
+and the teacher's forward all-gathers its blocks in fp32.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class EMATeacher:
         theirs = dict(student.named_parameters())
         averaged: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for name, t in self.model.named_parameters():
-            s = theirs[name].detach().float()
+            t, s = _local_pair(t, theirs[name].detach(), name)
+            s = s.float()
             if self.copied and name.startswith(self.copied):
                 t.copy_(s)
             else:
@@ -70,10 +75,42 @@ class EMATeacher:
         """The teacher's targets for unmasked input `x` (B, T, D); see `build_targets`."""
         self.model.eval()
         _, ffn = self.model(x.float(), padding_mask, return_ffn=True)
+        if _sharded(self.model):
+            self.model.reshard()  # FSDP keeps a root gathered after forward; `update` needs its shards
         return build_targets(ffn, top_k, instance_norm)
 
     def state_dict(self) -> dict:
+        """Whole tensors. Sharded: a collective every rank calls; rank 0 gets the state (on the CPU)."""
+        if _sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """From whole tensors (sharded: each rank keeps its shards of them)."""
+        if _sharded(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+            return
         self.model.load_state_dict(state)
+
+
+def _sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _local_pair(t: torch.Tensor, s: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student parameter as plain tensors: under FSDP their local shards, which hold
+    the same elements when both are sharded alike (a `_foreach` op on them stays local)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor) and not isinstance(s, DTensor):
+        return t, s
+    if not (isinstance(t, DTensor) and isinstance(s, DTensor) and t.placements == s.placements
+            and t.device_mesh == s.device_mesh and t.shape == s.shape):
+        raise RuntimeError(f"EMA teacher and student are not sharded alike at {name}")
+    return t.to_local(), s.to_local()

@@ -27,12 +27,13 @@ def diversity_loss(prob_perplexity: torch.Tensor, num_vars: int) -> torch.Tensor
     return (num_vars - prob_perplexity) / num_vars
 
 
-def contrastive_accuracy(logits: torch.Tensor) -> tuple[int, int]:
-    """(correct, count): the positive has the largest logit (ties where all are equal excluded)."""
+def contrastive_accuracy(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(correct, count): the positive has the largest logit (ties where all are equal excluded);
+    `correct` stays a device tensor."""
     flat = logits.reshape(-1, logits.shape[-1])
     is_max = flat.argmax(-1) == 0
     is_min = flat.argmin(-1) == 0
-    return int((is_max & ~is_min).sum()), flat.shape[0]
+    return (is_max & ~is_min).sum(), flat.shape[0]
 
 
 def wav2vec2_loss(out: Wav2Vec2Output, diversity_weight: float, feature_pen_weight: float) -> LossRecord:
@@ -43,15 +44,16 @@ def wav2vec2_loss(out: Wav2Vec2Output, diversity_weight: float, feature_pen_weig
     pen = out.features_pen * sample_size
     loss = ce + diversity_weight * div + feature_pen_weight * pen
     correct, count = contrastive_accuracy(out.logits.detach())
+    # device tensors: the trainer sums them on the device and reads them once per log interval
     logs = {
-        "loss": float(loss.detach()) / math.log(2),
-        "contrastive": float(ce.detach()) / math.log(2),
-        "diversity": float(div.detach()),
-        "features_pen": float(pen.detach()),
-        "correct": float(correct),
+        "loss": loss.detach() / math.log(2),
+        "contrastive": ce.detach() / math.log(2),
+        "diversity": div.detach(),
+        "features_pen": pen.detach(),
+        "correct": correct,
         "count": float(count),
-        "prob_perplexity": float(out.quantizer.prob_perplexity.detach()),
-        "code_perplexity": float(out.quantizer.code_perplexity.detach()),
+        "prob_perplexity": out.quantizer.prob_perplexity.detach(),
+        "code_perplexity": out.quantizer.code_perplexity.detach(),
         "temperature": out.quantizer.temperature,
     }
     return LossRecord(loss, sample_size, logs)

@@ -12,21 +12,16 @@ from data_prep.loader import Batch
 from pretrain.config import ModelConfig
 from pretrain.models.flops import train_flops_per_audio_second
 from pretrain.models.wav2vec2 import Wav2Vec2Model
-from pretrain.objectives.masking import compute_mask_indices, sample_negatives
+from pretrain.objectives.span_masks import batch_masks, span_masker_for
 from pretrain.objectives.task import LossRecord, Task
 from pretrain.objectives.wav2vec2_loss import wav2vec2_loss
 
 
 def draw_masks(model: Wav2Vec2Model, batch: Batch, cfg: ModelConfig, rng: np.random.Generator, device):
-    """Frame padding mask and span mask for a batch (fairseq: min_masks spans, equal counts)."""
-    b, s = batch.source.shape
-    frames = int(model.feature_extractor.output_lengths(torch.tensor(s)))
-    frame_pad = None
-    if batch.padding_mask is not None and batch.padding_mask.any():
-        lengths = model.feature_extractor.output_lengths(batch.lengths.cpu())
-        frame_pad = np.arange(frames)[None, :] >= lengths.numpy()[:, None]
-    mask = compute_mask_indices((b, frames), frame_pad, cfg.mask_prob, cfg.mask_length, rng, cfg.mask_min_masks)
-    return torch.from_numpy(mask).to(device)
+    """Frame padding mask and span mask for a batch (fairseq: min_masks spans, equal counts); the
+    in-step draw (CTC fine-tuning), the same function the pretraining loader runs in its workers."""
+    masker = span_masker_for(cfg, model.feature_extractor.layers_spec, negatives=False)
+    return masker(batch.source, [int(n) for n in batch.lengths], rng)["mask"].to(device)
 
 
 class Wav2Vec2Task(Task):
@@ -35,14 +30,17 @@ class Wav2Vec2Task(Task):
     def __init__(self, cfg: ModelConfig) -> None:
         self.cfg = cfg
         self.model = Wav2Vec2Model(cfg)
+        self.batch_extras = span_masker_for(cfg)
+        """Run by the loader for every batch (in its worker processes): masks and negatives."""
 
     def _run(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
         device = self.model.mask_emb.device
         src = batch.source.to(device, non_blocking=True)
         pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
-        mask = draw_masks(self.model, batch, self.cfg, rng, device)
-        m = int(mask[0].sum())
-        negs = torch.from_numpy(sample_negatives(mask.shape[0], m, self.cfg.num_negatives, rng)).to(device)
+        extras = batch_masks(self.batch_extras, batch, rng)  # CPU tensors: nothing read back from the device
+        mask = extras["mask"].to(device, non_blocking=True)
+        negs = extras["negatives"].to(device, non_blocking=True)
+        # LayerDrop draws stay per update (seed, step, slot), like dropout; a CPU tensor, no sync
         draws = torch.from_numpy(rng.random(self.cfg.encoder_layers))
         out = model(src, pad, mask, negs, draws)
         record = wav2vec2_loss(out, self.cfg.diversity_weight, self.cfg.feature_pen_weight)

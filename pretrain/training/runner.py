@@ -54,7 +54,8 @@ def run(
     `out`, `preemption.INTERRUPTED` when stopped by a signal (after saving a checkpoint, and
     requeueing the SLURM job after a time-limit warning)."""
     from pretrain import distributed
-    from pretrain.training.checkpoint import CheckpointError
+    from pretrain.training import hardware
+    from pretrain.training.checkpoint import CheckpointError, latest
     from pretrain.training.metrics import MetricLogger
     from pretrain.training.preemption import (
         INTERRUPTED,
@@ -71,6 +72,8 @@ def run(
     info = distributed.init(device.type)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", info.local_rank)
+    hardware.configure_backends(device)
+    _, cfg.data.num_workers = hardware.bound_threads(cfg.data.num_workers, device)
     lock = RunLock(None)
     trainer = task = None
     finished = False
@@ -78,6 +81,10 @@ def run(
         lock = RunLock.for_ranks(out, info, device)  # before anything reads or writes the run
         seed_all(cfg.train.seed)  # the same initial weights on every rank and every run
         task = build()
+        if init is not None and cfg.train.parallelism == "fsdp" and info.world_size > 1 and latest(out) is None:
+            # FSDP shards the model in place, and `init` loads whole tensors: load them before
+            init(task)
+            init = None
         trainer = Trainer(cfg, task, out, data, device, info, labels=labels)
         trainer.stop_signals = signals
         resumed = trainer.resume_if_possible()

@@ -24,9 +24,12 @@ from pretrain.models.encoder import set_activation_checkpointing
 from pretrain.models.flops import peak_flops
 from pretrain.objectives.task import Task, TrainingError
 from pretrain.training import checkpoint as ckpt
+from pretrain.training import hardware
+from pretrain.training import parallel
 from pretrain.training.metrics import MetricLogger
 from pretrain.training.optimizer import build_optimizer
 from pretrain.training.schedule import lr_at
+from pretrain.training.trainer_state import CheckpointMixin
 
 log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
@@ -37,7 +40,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
+class Trainer(CheckpointMixin):
     def __init__(
         self, cfg: RunConfig, task: Task, run_dir: Path, data_dir: Path, device: torch.device,
         dist_info: DistInfo | None = None, labels: str | None = None,
@@ -46,26 +49,17 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         t = cfg.train
         t.validate()  # a config built in code skips apply_overrides
-        self.precision = t.precision
-        if device.type != "cuda" and t.precision == "fp16":
-            # fp16 needs dynamic loss scaling and fast fp16 kernels, which only CUDA has here
-            log.warning("train.precision=fp16 needs a CUDA GPU; this run is on %s and trains in fp32 instead "
-                        "(--set train.precision=bf16 gives mixed precision on a CPU, fp32 silences this)", device.type)
-            self.precision = "fp32"
+        self.precision, why = hardware.resolve_precision(t.precision, t.bf16_for_fp16, device)
+        if why:
+            log.warning(why)
         seed_all(t.seed + self.dist.rank)
         task.to(device)
         set_activation_checkpointing(task.model, t.activation_checkpointing)
         compile_task(task, t.compile, device)
-        self.model: nn.Module = task.model
+        self.model: nn.Module = parallel.wrap_model(task, device, self.dist, t.parallelism, self.precision)
         self.ddp = self.dist.world_size > 1
-        if self.ddp:
-            layerdrop = getattr(task.model.cfg, "encoder_layerdrop", 0.0) if hasattr(task.model, "cfg") else 0.0
-            self.model = nn.parallel.DistributedDataParallel(
-                task.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=layerdrop > 0 or getattr(task, "has_unused_parameters", False),
-            )
         self.optimizer = build_optimizer(task.model, cfg.optim, device)
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=t.fp16_init_scale, enabled=self.precision == "fp16")
+        self.scaler = parallel.grad_scaler(self.model, device, t.fp16_init_scale, enabled=self.precision == "fp16")
         self.train_loader = self._loader(data_dir, t.train_split, cfg.data, labels, t.seed)
         valid_cfg = dataclasses.replace(cfg.data, shuffle=False, num_workers=0)
         self.valid_loader = None
@@ -90,106 +84,6 @@ class Trainer:
         return AudioLoader(source, cfg, seed=seed, labels=label_lines, rank=self.dist.rank, world_size=self.dist.world_size,
                            extras=getattr(self.task, "batch_extras", None))
 
-    # -- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {
-            "version": 1,
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "model": self.task.model.state_dict(),
-            "task": self.task.extra_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "loader": self.train_loader.state_dict(),
-            "best_valid": self.best_valid,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
-        }
-
-    def load_state_dict(self, state: dict, where: Path) -> None:
-        ckpt.check_architecture(state["config"]["model"], self.cfg.to_dict()["model"], where)
-        self.task.load_extra_state(state.get("task", {}))  # first: it may refuse an incompatible checkpoint
-        self.task.model.load_state_dict(state["model"])
-        names = [n for n, p in self.task.model.named_parameters() if p.requires_grad]
-        self.optimizer.load_state_dict(ckpt.align_optimizer_state(state["optimizer"], state["model"].keys(), names))
-        self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["loader"])
-        self.step = int(state["step"])
-        self.best_valid = float(state.get("best_valid", math.inf))
-        self.best_step = state.get("best_step")
-        rng = state.get("rng") or {}
-        if rng:
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-
-    def resume_if_possible(self) -> bool:
-        """Resume from the run's newest readable checkpoint, if it has one. Rank 0 inspects the
-        directory (`checkpoint.recover`: fallbacks, repairs) and tells the other ranks which step
-        to load, so every rank resumes from the same one or all stop together."""
-        found: tuple[Path, dict] | None = None
-        error: ckpt.CheckpointError | None = None
-        if self.dist.is_main:
-            try:
-                found = ckpt.recover(self.run_dir)
-            except ckpt.CheckpointError as err:
-                error = err
-        if self.ddp:
-            mine = -2 if error else -1 if found is None else int(found[1]["step"])
-            shared = torch.tensor([mine if self.dist.is_main else 0], dtype=torch.float64, device=self.device)
-            chosen = int(all_reduce_sum(shared).item())
-            if chosen == -2 and not self.dist.is_main:
-                raise ckpt.CheckpointError("rank 0 found no readable checkpoint to resume from; see its message")
-            if chosen >= 0 and not self.dist.is_main:
-                path = ckpt.step_path(self.run_dir, chosen)
-                path = path if path.exists() else ckpt.resolve(self.run_dir)  # a plain-file last.pt
-                found = path, ckpt.load(path)
-        if error is not None:
-            raise error
-        if found is None:
-            return False
-        path, state = found
-        self.load_state_dict(state, path)
-        self.saved_step = self.step  # already on disk: the run's final save need not write it again
-        if self.dist.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
-        return True
-
-    #: the step of the best checkpoint so far (recorded in every checkpoint; `best.pt` follows it)
-    best_step: int | None = None
-    #: the step last written to disk, so that no step is saved twice
-    saved_step: int | None = None
-
-    def save(self, is_best: bool = False) -> None:
-        """Checkpoint the current step on rank 0, once per step: the runner's save after `fit`
-        writes only when `fit` stopped between checkpoints (a stop signal). A failed save raises
-        `checkpoint.CheckpointError` on every rank, so none waits for rank 0 in a collective."""
-        if self.step == self.saved_step:
-            return
-        if is_best:
-            self.best_step = self.step
-        error: ckpt.CheckpointError | None = None
-        if self.dist.is_main:
-            state = self.state_dict()
-            state["best_step"] = self.best_step
-            try:
-                ckpt.save(self.run_dir, self.step, state, self.cfg.train.keep_last, is_best)
-            except ckpt.CheckpointError as err:
-                error = err
-        if self.ddp:
-            failed = all_reduce_sum(torch.tensor([float(error is not None)], device=self.device)).item() > 0
-            if failed and error is None:
-                error = ckpt.CheckpointError(f"rank 0 could not save step {self.step}; see its message")
-        if error is not None:
-            raise error
-        self.saved_step = self.step
-
     # -- the loop ------------------------------------------------------------------------------------
     def _autocast(self):
         if self.precision == "fp32":
@@ -212,54 +106,65 @@ class Trainer:
         torch.manual_seed(hash((self.cfg.train.seed, self.step, self._slot(micro))) % 2**63)
 
     def train_update(self, batches) -> dict | None:
-        """One optimizer update over `update_freq` micro-batches; None if it was skipped."""
+        """One optimizer update over `update_freq` micro-batches; None if it was skipped.
+
+        Nothing here waits for the device per micro-batch: logs and the non-finite check stay on
+        the device, and the update ends with one all-reduce (sample count, non-finite losses,
+        audio, stop requests) and one read of it together with the gradient norm."""
         t = self.cfg.train
         self.model.train()
         self.task.before_update(self.step)
-        sums: dict[str, float] = defaultdict(float)
-        sample_size, audio_samples, nonfinite = 0, 0, 0
+        sums: dict[str, torch.Tensor | float] = defaultdict(float)
+        on_device = torch.zeros(2, dtype=torch.float64, device=self.device)  # sample size, non-finite losses
+        sample_size, audio_samples = 0, 0  # the host-side parts
         for micro in range(t.update_freq):
             batch = next(batches)
             self._reseed(micro)
-            sync = micro == t.update_freq - 1
-            ctx = self.model.no_sync() if self.ddp and not sync else contextlib.nullcontext()
-            with ctx:
+            with parallel.no_sync(self.model, micro == t.update_freq - 1):
                 with self._autocast():
                     rec = self.task.train_step(self.model, batch, self.task.step_rng(t.seed, self.step, self._slot(micro)))
                 loss = rec.loss * (0.0 if batch.is_dummy else 1.0)
-                if not torch.isfinite(loss.detach()):
-                    nonfinite += 1
-                    loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0  # still run backward so DDP ranks stay in step
-                self.scaler.scale(loss).backward()
-            if not batch.is_dummy:
+                finite = torch.isfinite(loss.detach())
+                on_device[1] += (~finite).double()
+                # a non-finite loss still runs backward, zeroed, so DDP ranks stay in step; the update is skipped below
+                self.scaler.scale(torch.where(finite, loss, torch.zeros_like(loss))).backward()
+            if batch.is_dummy:  # every rank logs the same keys, or the all-reduce breaks
+                for k in rec.logs:
+                    sums[k] += 0.0
+                continue
+            audio_samples += batch.num_samples
+            if isinstance(rec.sample_size, torch.Tensor):
+                on_device[0] += rec.sample_size.detach().double()
+            else:
                 sample_size += rec.sample_size
-                audio_samples += batch.num_samples
-            for k, v in rec.logs.items():  # every rank logs the same keys, or the all-reduce breaks
-                sums[k] += 0.0 if batch.is_dummy else v
-        stats = all_reduce_sum(torch.tensor([sample_size, nonfinite, audio_samples], dtype=torch.float64, device=self.device))
-        total_size, any_nonfinite, total_audio = float(stats[0]), float(stats[1]), float(stats[2])
+            for k, v in rec.logs.items():
+                sums[k] += v.detach().double() if isinstance(v, torch.Tensor) else v
+        stop = float(self.stop_signals is not None and self.stop_signals.received is not None)
+        host = torch.tensor([sample_size, 0.0, audio_samples, stop], dtype=torch.float64)
+        stats = all_reduce_sum(host.to(self.device) + torch.cat([on_device, on_device.new_zeros(2)]))
         params = [p for p in self.task.model.parameters() if p.requires_grad]
-        if any_nonfinite == 0 and total_size > 0:
-            self.scaler.unscale_(self.optimizer)
-            # DDP averaged over ranks; fairseq normalises by the global number of samples instead.
-            scale = self.dist.world_size / total_size
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            max_norm = self.cfg.optim.clip_norm if self.cfg.optim.clip_norm > 0 else math.inf
-            gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            gnorm_f = float(gnorm)
-        else:
-            gnorm_f = math.nan
-        if not math.isfinite(gnorm_f):
+        self.scaler.unscale_(self.optimizer)
+        # DDP averaged over ranks; fairseq normalises by the global number of samples instead
+        # (no samples anywhere: an infinite scale, an infinite norm, a skipped update)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, (self.dist.world_size / stats[0]).to(grads[0].dtype))
+        gnorm = parallel.clip_grad_norm(params, self.cfg.optim.clip_norm)
+        total_size, any_nonfinite, total_audio, stops, gnorm_f = torch.cat(
+            [stats, gnorm.detach().reshape(1).to(stats)]).tolist()  # the update's one wait for the device
+        self._stop_votes = stops
+        if any_nonfinite or not total_size or not math.isfinite(gnorm_f):
             self.optimizer.zero_grad(set_to_none=True)
             reason = "non-finite loss" if any_nonfinite else "non-finite gradient" if total_size else "no samples"
-            if self.scaler.is_enabled() and total_size > 0:
-                if any_nonfinite:  # unscale_ did not run, so the scaler saw no overflow: lower it by hand
+            if self.scaler.is_enabled():
+                if any_nonfinite:  # the scaler may have seen no overflow: lower the scale by hand
                     self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-                else:
+                elif total_size:
                     self.scaler.update()
-                reason += f" (fp16 overflow: loss scale lowered to {self.scaler.get_scale():g})"
+                else:  # nothing was learned from: keep the scale, end the scaler's step
+                    self.scaler.update(self.scaler.get_scale())
+                if total_size:
+                    reason += f" (fp16 overflow: loss scale lowered to {self.scaler.get_scale():g})"
             self._skip_update(reason)
             return None
         for group in self.optimizer.param_groups:
@@ -319,8 +224,7 @@ class Trainer:
                 for k, v in rec.logs.items():
                     sums[k] += weight * v
                 count += int(weight)
-        keys = torch.tensor([sums[k] for k in sorted(sums)] + [count], dtype=torch.float64, device=self.device)
-        keys = all_reduce_sum(keys)
+        keys = all_reduce_sum(_stacked([sums[k] for k in sorted(sums)] + [count], self.device))
         merged = dict(zip(sorted(sums), keys[:-1].tolist()))
         return self.task.summarize(merged, int(keys[-1]))
 
@@ -344,9 +248,7 @@ class Trainer:
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - started
                 keys = sorted(window)
-                stats = torch.tensor([window[k] for k in keys], dtype=torch.float64, device=self.device)
-                if self.ddp:
-                    stats = all_reduce_sum(stats)
+                stats = all_reduce_sum(_stacked([window[k] for k in keys], self.device))  # the window's one read
                 merged = dict(zip(keys, stats.tolist()))
                 metrics = self.task.summarize(merged, int(merged.get("_micro", updates_in_window)))
                 audio_per_s = merged["_audio"] / SAMPLE_RATE / elapsed
@@ -387,12 +289,20 @@ class Trainer:
                 break
         return last_metrics
 
+    #: stop requests of all ranks, counted by the last update's all-reduce
+    _stop_votes: float = 0.0
+
     def _stop_requested(self) -> bool:
-        """True on every rank once any rank got a stop signal, so all stop at the same update."""
-        local = self.stop_signals is not None and self.stop_signals.received is not None
+        """True on every rank once any rank got a stop signal, so all stop at the same update: the
+        count travels in the update's own all-reduce (no collective of its own)."""
         if not self.ddp:
-            return local
-        return bool(all_reduce_sum(torch.tensor([float(local)], device=self.device)).item() > 0)
+            return self.stop_signals is not None and self.stop_signals.received is not None
+        return self._stop_votes > 0
+
+
+def _stacked(values: list, device: torch.device) -> torch.Tensor:
+    """Floats and device tensors (logs) as one float64 vector on `device`."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
