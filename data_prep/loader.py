@@ -114,6 +114,7 @@ class Batch:
                      pin(self.lengths), extras, self.audio_samples)
 
 
+
 def _tensors(fn, value):
     """`fn` on a tensor; plain values in extras (counts made on the host) pass as they are."""
     return fn(value) if isinstance(value, torch.Tensor) else value
@@ -164,6 +165,12 @@ class _Loaded:
     batch: Batch | None
     skipped: list[str]
     error: str | None = None
+
+    def pin_memory(self) -> "_Loaded":
+        """Called by DataLoader's pinning thread (pin_memory=True), or directly without workers."""
+        if self.batch is not None:
+            self.batch = self.batch.pin_memory()
+        return self
 
 
 class _EpochBatches(Dataset):
@@ -236,13 +243,15 @@ class AudioLoader:
         rank: int = 0,
         world_size: int = 1,
         extras=None,
+        pin_memory: bool = False,
     ) -> None:
         """`extras(source, full_lengths, rng)`, if given, runs where the batch is collated (a worker
         process with num_workers > 0; so it must pickle) and returns tensors for `Batch.extras`;
-        its rng is seeded by (seed, epoch, batch id) like the crops."""
+        its rng is seeded by (seed, epoch, batch id) like the crops. `pin_memory` (for a GPU):
+        batches arrive in page-locked memory, so the step's `non_blocking` copies do not wait."""
         cfg.validate()
         self.source, self.cfg, self.seed, self.labels = source, cfg, seed, labels
-        self.extras = extras
+        self.extras, self.pin_memory = extras, pin_memory
         self.rank, self.world_size = rank, world_size
         sizes = np.asarray(source.sizes)
         keep = sizes >= cfg.min_sample_size
@@ -296,10 +305,13 @@ class AudioLoader:
                     num_workers=self.cfg.num_workers,
                     prefetch_factor=self.cfg.prefetch_factor,
                     persistent_workers=False,
+                    pin_memory=self.pin_memory,  # in the loader's pinning thread (Batch.pin_memory)
                 )
             )
         else:
             it = (view[j] for j in range(len(view)))
+            if self.pin_memory:
+                it = (loaded.pin_memory() for loaded in it)
         for loaded in it:
             if loaded.error is not None:
                 raise BadUtteranceError(loaded.error + _SKIP_HINT)

@@ -13,6 +13,7 @@ from torch import nn
 from data_prep.labels import letters_to_words
 from data_prep.loader import Batch
 from pretrain.models.flops import train_flops_per_audio_second
+from pretrain.models.masked_select import padding_or_none
 from pretrain.objectives.masking import compute_mask_indices
 from pretrain.objectives.task import LossRecord, Task, TrainingError
 from pretrain.objectives.wav2vec2_task import draw_masks
@@ -65,7 +66,8 @@ class CTCTask(Task):
     def _inputs(self, batch: Batch):
         device = self.model.proj.weight.device
         src = batch.source.to(device, non_blocking=True)
-        pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+        pad = padding_or_none(batch.padding_mask)  # looked at on the host, before the copy
+        pad = None if pad is None else pad.to(device, non_blocking=True)
         if batch.labels is None:
             raise TrainingError("fine-tuning needs labels: the manifest has no label file next to it")
         targets = [self.dictionary.encode(line) for line in batch.labels]

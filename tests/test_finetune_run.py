@@ -122,7 +122,10 @@ def test_hf_export_transcripts_equal_ours(ctc_run, prepared, tmp_path):
         ours.append(greedy(logits))
         theirs.append(processor.batch_decode(hf_logits.argmax(-1)[None])[0])
     assert max(diffs) < 1e-3
-    assert theirs == ours
+    # a barely trained head can put </s> on top at a frame: transformers spells it out (its
+    # skip_special_tokens would also drop the CTC blanks before merging repeats), ours leaves it out
+    words = lambda text: " ".join(text.replace("</s>", " ").replace("<s>", " ").split())  # noqa: E731
+    assert [words(t) for t in theirs] == [words(t) for t in ours]
 
 
 def test_errors_are_clear(pretrained_run, ctc_run, prepared, tmp_path):

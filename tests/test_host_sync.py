@@ -85,3 +85,14 @@ def test_identical_negatives_found_without_candidates():
     sparse = wav2vec2._identical_rows(targets, negatives, dense=False)
     assert sparse[0, 7, 0] and sparse[1, 9, 3] and sparse[1, 2, 4] and not sparse[1, 20, 0]
     assert torch.equal(wav2vec2._identical_rows(targets, negatives, dense=True), sparse)
+
+
+def test_unpadded_masks_are_dropped_only_where_looking_is_free():
+    from pretrain.models.masked_select import padding_or_none
+
+    nothing, some = torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 5, dtype=torch.bool)
+    some[1, 3:] = True
+    assert padding_or_none(None) is None and padding_or_none(nothing) is None
+    assert padding_or_none(some) is some
+    on_device = nothing.to("meta")  # stands for a GPU tensor: kept, never read
+    assert padding_or_none(on_device) is on_device

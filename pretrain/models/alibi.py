@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from pretrain.models.masked_select import padding_or_none
+
 
 def alibi_slopes(num_heads: int) -> list[float]:
     """The standard ALiBi slopes: 2^(-8h/n) for n a power of two; otherwise the slopes of the next
@@ -41,6 +43,6 @@ def alibi_bias(
     if scale is not None:
         per_head = per_head * scale.float().clamp_min(0)
     bias = -per_head[None, :, None, None] * dist[:, None]
-    if padding_mask is not None and padding_mask.any():
+    if padding_or_none(padding_mask) is not None:
         bias = bias.masked_fill(padding_mask[:, None, None, :], float("-inf"))
     return bias

@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
-from pretrain.models import layerdrop
 from pretrain.models.alibi import alibi_bias, alibi_slopes
 from pretrain.models.decoder1d import Decoder1d
-from pretrain.models.encoder import EncoderLayer, init_bert_params
+from pretrain.models.encoder import EncoderLayer, init_bert_params, run_blocks
 from pretrain.models.feature_extractor import FeatureExtractor
 from pretrain.models.masked_select import select_masked
 from pretrain.models.ops import dropout
@@ -92,21 +90,9 @@ class Data2Vec2Encoder(nn.Module):
                 padding_mask = padding_mask.gather(1, keep)
         bias = alibi_bias(positions, self.alibi_slopes, self.alibi_scale, padding_mask)
         x = dropout(self.layer_norm(x), self.dropout, self.training)
-        ffn_outputs: list[torch.Tensor] = []
         stop = len(self.layers) if num_layers is None else num_layers
-        drops = layerdrop.plan(self, layer_drop_draws, stop)  # ranks agree under FSDP (see there)
-        for i, layer in enumerate(self.layers[:stop]):
-            if drops[i] != layerdrop.RUN:
-                if drops[i] == layerdrop.GHOST:
-                    x = x + layerdrop.ghost(layer, x, bias)
-                continue
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, ffn = checkpoint(layer, x, bias, use_reentrant=False)
-            else:
-                x, ffn = layer(x, bias)
-            if return_ffn and i >= self.prenet_depth:
-                ffn_outputs.append(ffn)
-        return x, ffn_outputs
+        # the targets are the main blocks' FFN outputs: the prenet's are not collected
+        return run_blocks(self, x, bias, layer_drop_draws, stop, self.prenet_depth if return_ffn else None)
 
 
 @dataclass

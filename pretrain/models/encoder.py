@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.models import layerdrop
 from pretrain.models.compiled import compiled_block
+from pretrain.models.masked_select import padding_or_none
 from pretrain.models.ops import dropout, self_attention
 from pretrain.models.position import make_positional_conv
 
@@ -132,33 +133,44 @@ class TransformerEncoder(nn.Module):
         returned as well.
         """
         attn_mask = None
+        padding_mask = padding_or_none(padding_mask)
         if padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-            if padding_mask.any():
-                attn_mask = (~padding_mask)[:, None, None, :]
+            attn_mask = (~padding_mask)[:, None, None, :]
         x = x + self.pos_conv(x)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
         x = dropout(x, self.dropout, self.training)
-        ffn_outputs: list[torch.Tensor] = []
         stop = len(self.layers) if num_layers is None else num_layers
-        drops = layerdrop.plan(self, layer_drop_draws, stop)  # ranks agree under FSDP (see there)
-        for i, layer in enumerate(self.layers[:stop]):
-            if drops[i] != layerdrop.RUN:
-                if drops[i] == layerdrop.GHOST:
-                    x = x + layerdrop.ghost(layer, x, attn_mask)
-                continue
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # non-reentrant: works with DDP and with layers LayerDrop skips (no grad-less inputs
-                # trick); the RNG state is replayed, so the recomputed dropout masks are the same
-                x, ffn = checkpoint(layer, x, attn_mask, use_reentrant=False)
-            else:
-                x, ffn = layer(x, attn_mask)
-            if return_ffn:
-                ffn_outputs.append(ffn)
+        x, ffn_outputs = run_blocks(self, x, attn_mask, layer_drop_draws, stop, 0 if return_ffn else None)
         if self.layer_norm_first and stop == len(self.layers):
             x = self.layer_norm(x)
         return x, ffn_outputs
+
+
+def run_blocks(
+    encoder: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None, draws: torch.Tensor | None,
+    stop: int, collect_from: int | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Blocks 0..stop-1 of `encoder` (which has `layers`, `layerdrop`, `activation_checkpointing`)
+    with LayerDrop and per-block activation checkpointing. Returns x and the FFN outputs of the
+    blocks that ran, from block `collect_from` on (None: none)."""
+    ffn_outputs: list[torch.Tensor] = []
+    drops = layerdrop.plan(encoder, draws, stop)  # ranks agree under FSDP (see there)
+    for i, layer in enumerate(encoder.layers[:stop]):
+        if drops[i] != layerdrop.RUN:
+            if drops[i] == layerdrop.GHOST:
+                x = x + layerdrop.ghost(layer, x, attn_mask)
+            continue
+        if encoder.activation_checkpointing and encoder.training and torch.is_grad_enabled():
+            # non-reentrant: works with DDP and with layers LayerDrop skips (no grad-less inputs
+            # trick); the RNG state is replayed, so the recomputed dropout masks are the same
+            x, ffn = checkpoint(layer, x, attn_mask, use_reentrant=False)
+        else:
+            x, ffn = layer(x, attn_mask)
+        if collect_from is not None and i >= collect_from:
+            ffn_outputs.append(ffn)
+    return x, ffn_outputs
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:

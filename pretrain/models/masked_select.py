@@ -22,3 +22,11 @@ def select_masked(x: torch.Tensor, mask: torch.Tensor, count: int | None) -> tor
     if count is None:
         return x[mask]
     return x.reshape(-1, x.shape[-1]).index_select(0, masked_positions(mask, count))
+
+
+def padding_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a mask with nothing padded, so the cheaper unmasked path runs. Only a CPU mask is
+    looked at: on a GPU the look would be a host read, and an all-False mask gives the same result."""
+    if mask is None or (mask.device.type == "cpu" and not mask.any()):
+        return None
+    return mask

@@ -14,7 +14,7 @@ from torch import nn
 from pretrain.config import ModelConfig
 from pretrain.models.encoder import TransformerEncoder
 from pretrain.models.feature_extractor import FeatureExtractor
-from pretrain.models.masked_select import select_masked
+from pretrain.models.masked_select import padding_or_none, select_masked
 from pretrain.models.ops import dropout
 from pretrain.models.quantizer import GumbelQuantizer, QuantizerOutput
 
@@ -66,7 +66,7 @@ class ConvFrontend:
     `cfg`, `feature_extractor`, `layer_norm` and `post_extract_proj` attributes."""
 
     def frame_padding_mask(self, padding_mask: torch.Tensor | None, num_frames: int) -> torch.Tensor | None:
-        if padding_mask is None or not padding_mask.any():
+        if padding_or_none(padding_mask) is None:
             return None
         lengths = self.feature_extractor.output_lengths((~padding_mask).long().sum(-1))
         return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]

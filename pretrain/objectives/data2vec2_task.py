@@ -17,7 +17,7 @@ from pretrain.config import ModelConfig
 from pretrain.distributed import all_reduce_sum
 from pretrain.models.data2vec2 import Data2Vec2Model
 from pretrain.models.flops import forward_flops_per_audio_second
-from pretrain.models.masked_select import select_masked
+from pretrain.models.masked_select import padding_or_none, select_masked
 from pretrain.objectives.block_mask import BlockMasker
 from pretrain.objectives.data2vec_loss import (
     default_scale,
@@ -61,7 +61,8 @@ class Data2Vec2Task(Data2VecTask):
         c = self.cfg
         device = self.model.post_extract_proj.weight.device
         src = batch.source.to(device, non_blocking=True)
-        pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+        pad = padding_or_none(batch.padding_mask)  # looked at on the host, before the copy
+        pad = None if pad is None else pad.to(device, non_blocking=True)
         mask, keep, n = self._masks(batch, rng, device)
         draws = torch.from_numpy(rng.random(c.prenet_depth + c.encoder_layers))
         out = model(src, pad, mask, keep, draws, num_masked=n)

@@ -11,7 +11,7 @@ from pretrain.config import ModelConfig
 from pretrain.distributed import all_reduce_sum
 from pretrain.models.data2vec import Data2VecModel
 from pretrain.models.flops import train_flops_per_audio_second
-from pretrain.models.masked_select import select_masked
+from pretrain.models.masked_select import padding_or_none, select_masked
 from pretrain.objectives.data2vec_loss import (
     default_scale,
     mean_std,
@@ -52,7 +52,8 @@ class Data2VecTask(Task):
     def _run(self, model: nn.Module, batch: Batch, rng: np.random.Generator, check: bool) -> LossRecord:
         device = self.model.mask_emb.device
         src = batch.source.to(device, non_blocking=True)
-        pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+        pad = padding_or_none(batch.padding_mask)  # looked at on the host, before the copy
+        pad = None if pad is None else pad.to(device, non_blocking=True)
         extras = batch_masks(self.batch_extras, batch, rng)
         n = extras["masked_total"]
         mask = extras["mask"].to(device, non_blocking=True)

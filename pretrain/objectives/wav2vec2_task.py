@@ -11,6 +11,7 @@ from torch import nn
 from data_prep.loader import Batch
 from pretrain.config import ModelConfig
 from pretrain.models.flops import train_flops_per_audio_second
+from pretrain.models.masked_select import padding_or_none
 from pretrain.models.wav2vec2 import Wav2Vec2Model
 from pretrain.objectives.span_masks import batch_masks, span_masker_for
 from pretrain.objectives.task import LossRecord, Task
@@ -36,7 +37,8 @@ class Wav2Vec2Task(Task):
     def _run(self, model: nn.Module, batch: Batch, rng: np.random.Generator) -> LossRecord:
         device = self.model.mask_emb.device
         src = batch.source.to(device, non_blocking=True)
-        pad = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+        pad = padding_or_none(batch.padding_mask)  # looked at on the host, before the copy
+        pad = None if pad is None else pad.to(device, non_blocking=True)
         extras = batch_masks(self.batch_extras, batch, rng)  # CPU tensors: nothing read back from the device
         mask = extras["mask"].to(device, non_blocking=True)
         negs = extras["negatives"].to(device, non_blocking=True)

@@ -82,7 +82,7 @@ class Trainer(CheckpointMixin):
         source = open_source(data_dir, split, packed=packed)
         label_lines = read_labels(source, labels) if labels else None
         return AudioLoader(source, cfg, seed=seed, labels=label_lines, rank=self.dist.rank, world_size=self.dist.world_size,
-                           extras=getattr(self.task, "batch_extras", None))
+                           extras=getattr(self.task, "batch_extras", None), pin_memory=self.device.type == "cuda")
 
     # -- the loop ------------------------------------------------------------------------------------
     def _autocast(self):
