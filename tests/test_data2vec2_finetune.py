@@ -83,7 +83,7 @@ def test_encoder_sizes_equal_fairseqs(preset, expected, monkeypatch):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
-    import pretrain.models.data2vec2 as d2v2
+    import pretrain.models.encoder as encoder  # the block loop both encoders share
     from finetune.model import CTCModel
     from pretrain.models.encoder import set_activation_checkpointing
     from pretrain.presets import get_preset
@@ -91,8 +91,8 @@ def test_activation_checkpointing_gives_the_same_gradients(monkeypatch):
     cfg = get_preset("data2vec2_tiny").model
     cfg.prenet_depth, cfg.dropout, cfg.attention_dropout = 1, 0.1, 0.1
     calls: list[int] = []
-    real = d2v2.checkpoint
-    monkeypatch.setattr(d2v2, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = encoder.checkpoint
+    monkeypatch.setattr(encoder, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     wave = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16_000)).astype(np.float32))
     padding = torch.zeros(2, 16_000, dtype=torch.bool)
     padding[1, 12_000:] = True
