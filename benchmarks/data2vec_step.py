@@ -71,7 +71,7 @@ def run_one(args) -> dict:
 
         task = Data2VecTask(cfg).to(device)
         model = task.model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, fused=True)
         batch = Batch(wav, None, torch.arange(args.batch))
         count = [0]
 

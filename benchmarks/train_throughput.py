@@ -138,7 +138,7 @@ def _transformers(preset: str, device):
         model.load_state_dict(to_hf(ours, ""))
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda" or None)
+                            weight_decay=cfg.optim.weight_decay, fused=device.type in ("cuda", "cpu") or None)
 
     def step(batch):
         wav = batch.source.to(device)

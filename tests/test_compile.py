@@ -210,16 +210,22 @@ def test_inductor_problem_is_reported_before_training(monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_run_trains_alone_and_under_torchrun(prepared, tmp_path):
-    """Three updates with the preset's dropout, in one process and as two gloo ranks (DDP)."""
+    """Three updates with the preset's dropout, in one process and as two gloo ranks, under DDP
+    and under FSDP (compiled blocks inside FSDP's per-block wrapping)."""
     common = ["--max-steps", "3", "--set", "train.log_interval=1", "--set", "train.valid_interval=1000",
               "--set", "train.compile=true", "--device", "cpu"]
     run_ok(pretrain_cmd("wav2vec2_tiny", prepared, tmp_path / "one", *common))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          *pretrain_cmd("wav2vec2_tiny", prepared, tmp_path / "two", *common)[1:]],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env, check=False)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    for run in ("one", "two"):
+    for run, parallelism in (("two", "ddp"), ("fsdp", "fsdp")):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *pretrain_cmd("wav2vec2_tiny", prepared, tmp_path / run, *common)[1:],
+                               "--set", f"train.parallelism={parallelism}"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in ("one", "two", "fsdp"):
         rows = metric_rows(tmp_path / run)
         assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows), rows
         assert json.loads((tmp_path / run / "config.json").read_text())["train"]["compile"] is True
+    # the same two ranks, batches and dropout seeds: FSDP's losses are DDP's up to float rounding
+    for a, b in zip(metric_rows(tmp_path / "fsdp"), metric_rows(tmp_path / "two")):
+        assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(b["loss"]), (a, b)

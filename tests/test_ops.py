@@ -76,6 +76,22 @@ def test_channels_last_convolution_equals_conv1d():
             assert torch.allclose(a, r, atol=1e-12)
 
 
+def test_grouped_convolution_equals_conv1d():
+    from pretrain.models.conv_matmul import grouped_conv1d
+
+    torch.manual_seed(0)
+    # even and odd kernels, one channel per group, one group, a kernel longer than the input
+    for b, c, t, k, g in [(2, 24, 37, 8, 4), (3, 16, 20, 3, 16), (2, 12, 9, 5, 1), (1, 8, 5, 12, 2)]:
+        x = torch.randn(b, t, c, dtype=torch.float64).transpose(1, 2).requires_grad_()  # a channels-last view
+        w = torch.randn(c, c // g, k, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
+        y, ref = grouped_conv1d(x, w, bias, k // 2, g), F.conv1d(x, w, bias, padding=k // 2, groups=g)
+        assert torch.allclose(y, ref, atol=1e-12)
+        grad = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(y, [x, w, bias], grad), torch.autograd.grad(ref, [x, w, bias], grad)):
+            assert torch.allclose(a, r, atol=1e-10)
+
+
 def test_time_norm_equals_group_norm():
     from pretrain.models.feature_extractor import _TimeNorm
 

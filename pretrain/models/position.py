@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models.conv_matmul import grouped_conv1d
+
 
 class PositionalConv(nn.Module):
     """wav2vec 2.0: one grouped Conv1d, weight-normed over the kernel axis, then GELU.
@@ -24,7 +26,8 @@ class PositionalConv(nn.Module):
         self.remove = 1 if kernel % 2 == 0 else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        y = self.conv(x.transpose(1, 2))
+        conv = self.conv  # the weight-normed weight is recomputed at each access, as in conv.forward
+        y = grouped_conv1d(x.transpose(1, 2), conv.weight, conv.bias, conv.padding[0], conv.groups)
         if self.remove:
             y = y[:, :, : -self.remove]
         return F.gelu(y).transpose(1, 2)
