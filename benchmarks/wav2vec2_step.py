@@ -4,8 +4,11 @@
 
 Both models get the same weights, batch, masks and negatives; each runs in its own process so
 that its peak memory (RSS on CPU, allocator peak on GPU) is its own. LayerDrop is off in both so
-that every step does the same work. On a GPU the step runs under bf16 autocast and the result
-also gives audio-seconds per second and MFU.
+that every step does the same work. Both use fused AdamW. Ours runs with the process settings a
+training run of ours makes (`configure_backends`: on CPUs, freed host memory kept for reuse); on
+CPUs a third process runs transformers with that setting too (`transformers_retained_memory`,
+`speedup_same_allocator`), so the part of the ratio that is the setting shows. On a GPU the step
+runs under bf16 autocast and the result also gives audio-seconds per second and MFU.
 """
 
 from __future__ import annotations

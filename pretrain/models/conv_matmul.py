@@ -75,17 +75,22 @@ class PhaseConv(torch.autograd.Function):
 def conv1d_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
     """(B, C, T) -> (B, C_out, T_out); the same numbers as F.conv1d(x, weight, bias, stride),
     in the autocast dtype under autocast (as F.conv1d would be)."""
+    return _apply(PhaseConv, "conv1d_phases", x, weight, bias, stride)
+
+
+def _apply(fn: type[torch.autograd.Function], name: str, x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None, stride: int) -> torch.Tensor:
     device = x.device.type
     if torch.is_autocast_enabled(device):
-        # The kernel writes into preallocated outputs, which autocast does not cast: cast the
-        # operands once here (differentiably, so fp32 weights get fp32 gradients) and run it
+        # The kernels write into preallocated outputs, which autocast does not cast: cast the
+        # operands once here (differentiably, so fp32 weights get fp32 gradients) and run them
         # with autocast off, so input, weights and outputs share one dtype.
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return PhaseConv.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
+            return fn.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
     if weight.dtype != x.dtype:
-        raise TypeError(f"conv1d_phases: input is {x.dtype} but weight is {weight.dtype}; cast one or use autocast")
-    return PhaseConv.apply(x, weight, bias, stride)
+        raise TypeError(f"{name}: input is {x.dtype} but weight is {weight.dtype}; cast one or use autocast")
+    return fn.apply(x, weight, bias, stride)
 
 
 class ChannelsLastConv(torch.autograd.Function):
@@ -181,14 +186,7 @@ def _run(x: torch.Tensor, j0: int, n: int, stride: int, t_out: int) -> torch.Ten
 
 def conv1d_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
     """(B, T, C) -> (B, T_out, C_out): F.conv1d(x.transpose(1, 2), weight, bias, stride).transpose(1, 2)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):  # as in `conv1d_phases`
-        dtype = torch.get_autocast_dtype(device)
-        with torch.autocast(device, enabled=False):
-            return ChannelsLastConv.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"conv1d_channels_last: input is {x.dtype} but weight is {weight.dtype}; cast one or use autocast")
-    return ChannelsLastConv.apply(x, weight, bias, stride)
+    return _apply(ChannelsLastConv, "conv1d_channels_last", x, weight, bias, stride)
 
 
 class GroupedConv(torch.autograd.Function):
