@@ -6,8 +6,11 @@ Ours: student forward on the masked input, EMA-teacher forward on the unmasked i
 loss, backward, AdamW step and EMA update. transformers has no data2vec pretraining head, so its
 side is the encoder's forward + backward on the same batch (a squared-output loss), with no
 teacher and no optimizer. `ours_encoder` does exactly that work with our model, for a like-for-like
-ratio; the full step is reported beside it. Each side runs in its own process;
-peak memory is RSS on CPU and the allocator peak on GPU. LayerDrop is off in both.
+ratio; the full step is reported beside it. Each side runs in its own process, alternating over
+`--rounds`, and the medians are compared; peak memory is RSS on CPU and the allocator peak on GPU.
+LayerDrop is off in both. Ours runs with the process settings a training run of ours makes (on
+CPUs: freed host memory kept for reuse); on CPUs transformers also runs once more with that
+setting (`speedup_same_allocator`), as in `wav2vec2_step.py`.
 """
 
 from __future__ import annotations
@@ -33,9 +36,15 @@ def run_one(args) -> dict:
     from pretrain.interop.hf import hf_config, to_hf
     from pretrain.presets import get_preset
 
+    from pretrain.training.hardware import configure_backends, retain_freed_memory
+
     cfg = get_preset("data2vec_large").model
     cfg.encoder_layerdrop = 0.0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.impl != "hf":
+        configure_backends(device)  # what a training run of ours sets up
+    elif args.retain_memory:
+        retain_freed_memory()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     wav = torch.from_numpy(rng.standard_normal((args.batch, int(args.seconds * 16000))).astype(np.float32))
@@ -102,20 +111,29 @@ def run_one(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per process (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=2, help="processes per implementation, alternating")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--impl", choices=["ours", "ours_encoder", "hf"], default=None)
+    p.add_argument("--retain-memory", action="store_true", help="with --impl hf: our host-memory setting (internal)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data2vec_step.json")
     args = p.parse_args()
     if args.impl:
         print(json.dumps(run_one(args)))
         return
-    res = {}
-    for impl in ("hf", "ours_encoder", "ours"):
-        cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--seconds", str(args.seconds),
-               "--batch", str(args.batch)]
-        res[impl] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    res: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for name in ("hf", "ours_encoder", "ours", "hf_retained"):
+            cmd = [sys.executable, __file__, "--impl", name.removesuffix("_retained"), "--steps", str(args.steps),
+                   "--seconds", str(args.seconds), "--batch", str(args.batch)]
+            one = json.loads(subprocess.run(cmd + (["--retain-memory"] if name == "hf_retained" else []),
+                                            capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            if name == "hf_retained" and one["device"] != "cpu":
+                continue  # a host-memory setting: nothing to compare on a GPU
+            seen = res.setdefault(name, {"steps": [], "peak_mem_mb": 0.0, "device": one["device"]})
+            seen["steps"] += one["steps"]
+            seen["peak_mem_mb"] = max(seen["peak_mem_mb"], one["peak_mem_mb"])
     ours, enc, hf = (statistics.median(res[k]["steps"]) for k in ("ours", "ours_encoder", "hf"))
     import torch
 
@@ -130,7 +148,13 @@ def main() -> None:
         },
         "speedup_same_work": round(hf / enc, 2),
         "peak_mem_mb": {k: round(res[k]["peak_mem_mb"]) for k in ("ours", "ours_encoder", "hf")},
+        "timed_steps_each": len(res["ours"]["steps"]),
     }
+    if "hf_retained" in res:
+        same = statistics.median(res["hf_retained"]["steps"])
+        summary["step_s"]["transformers_forward_backward_retained_memory"] = round(same, 3)
+        summary["speedup_same_allocator"] = round(same / enc, 2)
+        summary["peak_mem_mb"]["hf_retained"] = round(res["hf_retained"]["peak_mem_mb"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
