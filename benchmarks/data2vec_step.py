@@ -35,7 +35,6 @@ def run_one(args) -> dict:
 
     from pretrain.interop.hf import hf_config, to_hf
     from pretrain.presets import get_preset
-
     from pretrain.training.hardware import configure_backends, retain_freed_memory
 
     cfg = get_preset("data2vec_large").model

@@ -126,7 +126,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for name in ("hf", "ours", "hf_retained"):
-            cmd = [sys.executable, __file__, "--impl", name.split("_")[0], "--steps", str(args.steps), "--seconds",
+            cmd = [sys.executable, __file__, "--impl", name.removesuffix("_retained"), "--steps", str(args.steps), "--seconds",
                    str(args.seconds), "--batch", str(args.batch)] + (["--retain-memory"] if name == "hf_retained" else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             one = json.loads(proc.stdout.strip().splitlines()[-1])

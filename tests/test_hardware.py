@@ -54,7 +54,6 @@ def test_threads_and_workers_are_bounded_per_rank():
     assert out.stdout.split()[:2] == ["(1,", f"{min(6, max(0, cpus - 1))})"], out.stdout
 
 
-
 def test_cpu_runs_reuse_freed_memory_without_page_faults():
     """Steps that make and free the same large activations fault their pages in once, not at
     every step (glibc, Linux); in a fresh process, because the setting is process-wide."""
